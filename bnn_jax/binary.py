@@ -1,0 +1,291 @@
+"""Binarisers: sign functions with pseudo-gradients (the core of a BNN).
+
+Every binariser's forward pass is a sign function; they differ only in the
+gradient they pretend sign has (the "straight-through estimator", STE). Each
+one is a `jax.custom_vjp`, so it works under `jit`, `grad`, `vmap` and with
+bfloat16 inputs, and its docstring states the forward and the pseudo-gradient.
+
+The sign(0) convention is explicit everywhere (`zero_to`):
+  * `zero_to=1.0` (default): sign(0) = +1. A deployable binary network has
+    only two states, and Larq / LCE use +1.
+  * `zero_to=0.0`: sign(0) = 0, what `torch.sign` does, i.e. the reference
+    AdamBNN / ReActNet code. Exact zeros are rare except in zero padding.
+
+References: Bi-Real Net (Liu et al. 2018) for `approx_sign`; Larq
+(`larq/quantizers.py`) for `ste_sign` and `swish_sign`; XNOR-Net / ReActNet
+(`HardBinaryConv`) for `scaled_sign_weights`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "sign",
+    "ste_sign",
+    "approx_sign",
+    "swish_sign",
+    "scaled_sign_weights",
+    "sign_weights",
+    "ACTIVATION_BINARIZERS",
+    "get_activation_binarizer",
+    "WEIGHT_BINARIZERS",
+    "get_weight_binarizer",
+]
+
+
+def _sign_forward(x: jax.Array, zero_to: float) -> jax.Array:
+  """sign(x) in x's dtype, with sign(0) = zero_to (for +0.0 and -0.0)."""
+  one = jnp.ones_like(x)
+  return jnp.where(x > 0, one, jnp.where(x < 0, -one, jnp.full_like(x, zero_to)))
+
+
+# ---------------------------------------------------------------------------
+# sign: the exact derivative (zero almost everywhere).
+# ---------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def sign(x: jax.Array, zero_to: float = 1.0) -> jax.Array:
+  """Plain sign with its true derivative.
+
+  forward:  sign(x) = +1 if x > 0, -1 if x < 0, `zero_to` if x == 0.
+  gradient: d sign / dx = 0 everywhere (the derivative almost everywhere;
+            the Dirac mass at 0 is dropped). Use it where nothing should
+            flow back, e.g. to measure signs inside a differentiated function.
+  """
+  return _sign_forward(x, zero_to)
+
+
+def _sign_fwd(x, zero_to):
+  return _sign_forward(x, zero_to), None
+
+
+def _sign_bwd(zero_to, _, g):
+  del zero_to
+  return (jnp.zeros_like(g),)
+
+
+sign.defvjp(_sign_fwd, _sign_bwd)
+
+
+# ---------------------------------------------------------------------------
+# ste_sign: clipped straight-through estimator.
+# ---------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _ste_sign(x, clip, zero_to):
+  return _sign_forward(x, zero_to)
+
+
+def _ste_sign_fwd(x, clip, zero_to):
+  return _sign_forward(x, zero_to), x
+
+
+def _ste_sign_bwd(clip, zero_to, x, g):
+  del zero_to
+  if clip is None:
+    return (g,)
+  inside = jnp.abs(x) <= jnp.asarray(clip, x.dtype)
+  return (jnp.where(inside, g, jnp.zeros_like(g)),)
+
+
+_ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
+
+
+def ste_sign(x: jax.Array, clip: Optional[float] = 1.0,
+             zero_to: float = 1.0) -> jax.Array:
+  """Sign with the clipped straight-through estimator (Larq's `ste_sign`).
+
+  forward:  sign(x), sign(0) = `zero_to`.
+  gradient: d/dx = 1 if |x| <= clip (inclusive) else 0.
+            With `clip=None` every gradient passes: d/dx = 1.
+  """
+  return _ste_sign(x, None if clip is None else float(clip), float(zero_to))
+
+
+# ---------------------------------------------------------------------------
+# approx_sign: the reference activation (Bi-Real "ApproxSign").
+# ---------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _approx_sign(x, zero_to):
+  return _sign_forward(x, zero_to)
+
+
+def _approx_sign_fwd(x, zero_to):
+  return _sign_forward(x, zero_to), x
+
+
+def _approx_sign_bwd(zero_to, x, g):
+  del zero_to
+  two = jnp.asarray(2, x.dtype)
+  grad = jnp.where((x >= -1) & (x < 0), two + two * x,
+                   jnp.where((x >= 0) & (x < 1), two - two * x,
+                             jnp.zeros_like(x)))
+  return (g * grad.astype(g.dtype),)
+
+
+_approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
+
+
+def approx_sign(x: jax.Array, zero_to: float = 1.0) -> jax.Array:
+  """Sign with the Bi-Real polynomial pseudo-gradient (reference `BinaryActivation`).
+
+  forward:  sign(x), sign(0) = `zero_to`.
+  gradient: d/dx = 2 + 2x  on [-1, 0)
+                   2 - 2x  on [0, 1)
+                   0       elsewhere.
+  This is the derivative of the piecewise quadratic
+  F(x) = -1 (x < -1); 2x + x^2 (-1 <= x < 0); 2x - x^2 (0 <= x < 1); 1 (x >= 1).
+  """
+  return _approx_sign(x, float(zero_to))
+
+
+# ---------------------------------------------------------------------------
+# swish_sign: Darabi et al. 2018 ("BNN+"), as in Larq.
+# ---------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _swish_sign(x, beta, zero_to):
+  return _sign_forward(x, zero_to)
+
+
+def _swish_sign_fwd(x, beta, zero_to):
+  return _sign_forward(x, zero_to), x
+
+
+def _swish_sign_bwd(beta, zero_to, x, g):
+  del zero_to
+  xf = x.astype(jnp.float32)
+  bx = beta * xf
+  grad = beta * (2.0 - bx * jnp.tanh(bx / 2.0)) / (1.0 + jnp.cosh(bx))
+  return (g * grad.astype(g.dtype),)
+
+
+_swish_sign.defvjp(_swish_sign_fwd, _swish_sign_bwd)
+
+
+def swish_sign(x: jax.Array, beta: float = 5.0,
+               zero_to: float = 1.0) -> jax.Array:
+  """Sign with the SwishSign pseudo-gradient.
+
+  forward:  sign(x), sign(0) = `zero_to`.
+  gradient: d/dx = beta * (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x)),
+            the derivative of 2 sigmoid(beta x) (1 + beta x (1 - sigmoid(beta x))) - 1.
+            It peaks at x = 0 with value beta and decays to 0 for |x| >> 1/beta.
+  """
+  return _swish_sign(x, float(beta), float(zero_to))
+
+
+# ---------------------------------------------------------------------------
+# scaled_sign_weights: binary weights with a per-output-channel scale.
+# ---------------------------------------------------------------------------
+def _scale_per_output_channel(w: jax.Array) -> jax.Array:
+  """alpha_o = mean |w[..., o]| over every axis but the last."""
+  return jnp.mean(jnp.abs(w), axis=tuple(range(w.ndim - 1)), keepdims=True)
+
+
+def _clamp_ste_bwd(w: jax.Array, g: jax.Array) -> jax.Array:
+  """Gradient of clamp(w, -1, 1) as torch computes it: 1 on [-1, 1] inclusive."""
+  inside = (w >= -1) & (w <= 1)  # jnp.clip's grad would be 0.5 at +-1
+  return jnp.where(inside, g, jnp.zeros_like(g))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scaled_sign_weights(w, zero_to):
+  return jax.lax.stop_gradient(_scale_per_output_channel(w)) * _sign_forward(
+      w, zero_to)
+
+
+def _scaled_sign_weights_fwd(w, zero_to):
+  return _scaled_sign_weights(w, zero_to), w
+
+
+def _scaled_sign_weights_bwd(zero_to, w, g):
+  del zero_to
+  return (_clamp_ste_bwd(w, g),)
+
+
+_scaled_sign_weights.defvjp(_scaled_sign_weights_fwd, _scaled_sign_weights_bwd)
+
+
+def scaled_sign_weights(w: jax.Array, zero_to: float = 1.0) -> jax.Array:
+  """Binary weights alpha * sign(w) for an HWIO (or IO) kernel (reference `HardBinaryConv`).
+
+  forward:  alpha_o * sign(w[..., o]),  alpha_o = mean |w[..., o]| over every
+            axis but the last (the output channel).
+  gradient: d/dw = 1 if -1 <= w <= 1 (inclusive) else 0: the straight-through
+            gradient of clamp(w, -1, 1). alpha is excluded from the gradient
+            and does *not* scale it.
+
+  The reference writes this as
+  `alpha.detach() * sign(w).detach() - clamp(w).detach() + clamp(w)`, whose
+  gradient w.r.t. w is exactly torch's clamp gradient (1 at the boundary);
+  `jnp.clip` would give 0.5 there and `lax.clamp` 0, hence the custom_vjp.
+  """
+  return _scaled_sign_weights(w, float(zero_to))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _sign_weights(w, zero_to):
+  return _sign_forward(w, zero_to)
+
+
+def _sign_weights_fwd(w, zero_to):
+  return _sign_forward(w, zero_to), w
+
+
+def _sign_weights_bwd(zero_to, w, g):
+  del zero_to
+  return (_clamp_ste_bwd(w, g),)
+
+
+_sign_weights.defvjp(_sign_weights_fwd, _sign_weights_bwd)
+
+
+def sign_weights(w: jax.Array, zero_to: float = 1.0) -> jax.Array:
+  """Unscaled binary weights sign(w) (scale folded into the following BN).
+
+  forward:  sign(w), sign(0) = `zero_to`.
+  gradient: d/dw = 1 if -1 <= w <= 1 (inclusive) else 0.
+  """
+  return _sign_weights(w, float(zero_to))
+
+
+# ---------------------------------------------------------------------------
+# Registry by name (configs and the command line pick binarisers by name).
+# ---------------------------------------------------------------------------
+ACTIVATION_BINARIZERS: dict[str, Callable[..., jax.Array]] = {
+    "sign": sign,
+    "ste_sign": ste_sign,
+    "approx_sign": approx_sign,
+    "swish_sign": swish_sign,
+}
+
+
+def get_activation_binarizer(name: str, zero_to: float = 1.0,
+                             **kwargs) -> Callable[[jax.Array], jax.Array]:
+  """Returns x -> binariser(x) for a name in `ACTIVATION_BINARIZERS`."""
+  if name not in ACTIVATION_BINARIZERS:
+    raise ValueError(
+        f"unknown activation binarizer {name!r}; choose one of "
+        f"{sorted(ACTIVATION_BINARIZERS)}")
+  fn = ACTIVATION_BINARIZERS[name]
+  return lambda x: fn(x, zero_to=zero_to, **kwargs)
+
+
+WEIGHT_BINARIZERS: dict[str, Callable[..., jax.Array]] = {
+    "scaled_sign": scaled_sign_weights,
+    "sign": sign_weights,
+}
+
+
+def get_weight_binarizer(name: str, zero_to: float = 1.0
+                         ) -> Callable[[jax.Array], jax.Array]:
+  """Returns w -> binary weights for a name in `WEIGHT_BINARIZERS`."""
+  if name not in WEIGHT_BINARIZERS:
+    raise ValueError(
+        f"unknown weight binarizer {name!r}; choose one of "
+        f"{sorted(WEIGHT_BINARIZERS)}")
+  fn = WEIGHT_BINARIZERS[name]
+  return lambda w: fn(w, zero_to=zero_to)

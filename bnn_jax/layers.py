@@ -1,0 +1,201 @@
+"""Binary building blocks as Flax linen modules (NHWC).
+
+* `Shift`       y = x + b, a learnable per-channel shift (init 0): ReActNet's
+                "LearnableBias", the b of RSign and of RPReLU.
+* `RSign`       y = binariser(x + b): ReActNet's shifted sign.
+* `RPReLU`      y = PReLU(x + b1) + b2, PReLU(z) = max(z, 0) + a * min(z, 0),
+                per-channel slope a (init 0.25).
+* `BinaryConv`  y = conv(B_x(x), B_w(W)): optional input binariser B_x and
+                kernel binariser B_w, chosen by name. With `kernel_binarizer=None`
+                it is the real-weight conv of AdamBNN step 1, with the *same*
+                parameter name (`kernel`) and shape, so step 2 loads step 1
+                strictly.
+* `BatchNorm`   torch-compatible batch normalisation, with optional per-group
+                ("ghost") statistics to reproduce per-GPU statistics.
+
+Inside the models the activation binariser of an RSign is the `input_binarizer`
+of the BinaryConv that consumes it (RSign = `Shift` + the conv's input
+binariser): the conv then knows its inputs are +-1, which the cost summary
+uses to count binary operations. `RSign` is the same thing as one module for
+code that binarises activations on their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnn_jax import binary
+
+Array = jax.Array
+Dtype = Any
+
+
+def reference_kernel_init(key, shape, dtype=jnp.float32):
+  """The reference HardBinaryConv init: uniform[0, 0.001) (all positive)."""
+  return jax.random.uniform(key, shape, dtype, 0.0, 1e-3)
+
+
+class Shift(nn.Module):
+  """y = x + b with a learnable per-channel (last axis) shift b, init 0."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b = self.param("shift", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+    return x + b.astype(x.dtype)
+
+
+class RSign(nn.Module):
+  """RSign(x) = B(x + b): learnable per-channel shift b, then the binariser B.
+
+  Attributes:
+    binarizer: a name in `binary.ACTIVATION_BINARIZERS`.
+    zero_to: the value of sign(0) (+1 deployable, 0 = torch.sign).
+  """
+  binarizer: str = "approx_sign"
+  zero_to: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = Shift(name="move")(x)
+    return binary.get_activation_binarizer(self.binarizer, self.zero_to)(x)
+
+
+class RPReLU(nn.Module):
+  """RPReLU(x) = PReLU(x + b1) + b2, PReLU(z) = max(z, 0) + a * min(z, 0).
+
+  Per-channel b1 (`shift_in`, init 0), a (`slope`, init 0.25), b2
+  (`shift_out`, init 0).
+  """
+  slope_init: float = 0.25
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    shift_in = self.param("shift_in", nn.initializers.zeros, (c,), jnp.float32)
+    slope = self.param("slope", nn.initializers.constant(self.slope_init), (c,),
+                       jnp.float32)
+    shift_out = self.param("shift_out", nn.initializers.zeros, (c,), jnp.float32)
+    z = x + shift_in.astype(x.dtype)
+    z = jnp.where(z >= 0, z, slope.astype(x.dtype) * z)
+    return z + shift_out.astype(x.dtype)
+
+
+def conv2d_nhwc(x: Array, kernel: Array, strides: int, padding: int) -> Array:
+  """Plain 2-D convolution, NHWC input, HWIO kernel, zero padding `padding`."""
+  return jax.lax.conv_general_dilated(
+      x, kernel,
+      window_strides=(strides, strides),
+      padding=((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class BinaryConv(nn.Module):
+  """y = conv(B_x(x), B_w(W)), zero padding applied to the binarised input.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel size k (kernel shape (k, k, C_in, features)).
+    strides: spatial stride.
+    padding: zero padding on each side; `None` means (k - 1) // 2.
+    input_binarizer: name in `binary.ACTIVATION_BINARIZERS`, or None to use
+      the input as it is.
+    kernel_binarizer: name in `binary.WEIGHT_BINARIZERS` ("scaled_sign" =
+      alpha * sign(W), the reference), or None for real weights (step 1).
+    zero_to: sign(0) for both binarisers.
+    kernel_init: initializer of the latent kernel (reference: U[0, 0.001)).
+    dtype: computation dtype (parameters stay float32).
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  padding: Optional[int] = None
+  input_binarizer: Optional[str] = "approx_sign"
+  kernel_binarizer: Optional[str] = "scaled_sign"
+  zero_to: float = 1.0
+  kernel_init: Callable[..., Array] = reference_kernel_init
+  dtype: Dtype = jnp.float32
+
+  @property
+  def binary_inputs(self) -> bool:
+    return self.input_binarizer is not None
+
+  @property
+  def binary_weights(self) -> bool:
+    return self.kernel_binarizer is not None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init,
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    if self.kernel_binarizer is not None:
+      kernel = binary.get_weight_binarizer(self.kernel_binarizer,
+                                           self.zero_to)(kernel)
+    if self.input_binarizer is not None:
+      x = binary.get_activation_binarizer(self.input_binarizer,
+                                          self.zero_to)(x)
+    pad = (k - 1) // 2 if self.padding is None else self.padding
+    return conv2d_nhwc(x.astype(self.dtype), kernel.astype(self.dtype),
+                       self.strides, pad)
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation over N, H, W with torch's conventions.
+
+  train:  y = (x - mu_B) / sqrt(var_B + eps) * scale + bias, with mu_B and the
+          biased var_B over the batch (or over each group of `group_size`
+          examples when set: "ghost" BN, what torch DataParallel computed on
+          each GPU's sub-batch);
+          running_mean <- momentum * running_mean + (1 - momentum) * mu_B,
+          running_var  <- momentum * running_var + (1 - momentum) * var_B * n / (n - 1)
+          (torch's unbiased running variance; with groups, mu_B and var_B are
+          averaged over the groups).
+  eval:   y = (x - running_mean) / sqrt(running_var + eps) * scale + bias.
+
+  Parameter and statistic names follow flax: params {scale, bias},
+  batch_stats {mean, var}. momentum 0.9 here is torch's momentum 0.1.
+  Statistics are computed in float32 whatever the input dtype.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  group_size: Optional[int] = None
+  scale_init: Callable[..., Array] = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    c = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean",
+                            lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var",
+                           lambda: jnp.ones((c,), jnp.float32))
+    if not train:
+      mean, var = ra_mean.value, ra_var.value
+      inv = jax.lax.rsqrt(var + self.epsilon) * scale
+      return (x * inv.astype(x.dtype) + (bias - mean * inv).astype(x.dtype))
+
+    xf = x.astype(jnp.float32)
+    batch = x.shape[0]
+    group = batch if self.group_size is None else min(self.group_size, batch)
+    if batch % group:
+      raise ValueError(f"BatchNorm group_size {group} does not divide the "
+                       f"batch {batch}")
+    xg = xf.reshape((batch // group, group) + x.shape[1:])
+    red = tuple(range(1, xg.ndim - 1))  # every axis of a group but channels
+    mean = jnp.mean(xg, axis=red, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=red, keepdims=True)
+    y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    if not self.is_initializing():
+      n = group * (xg.size // (xg.shape[0] * group * c))  # elements per stat
+      unbias = n / max(n - 1, 1)
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(
+          mean.reshape(-1, c), axis=0)
+      ra_var.value = m * ra_var.value + (1 - m) * unbias * jnp.mean(
+          var.reshape(-1, c), axis=0)
+    return y.reshape(x.shape).astype(x.dtype)

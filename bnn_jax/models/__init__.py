@@ -1,0 +1,69 @@
+"""Model registry: `create(name, num_classes=..., **overrides)`.
+
+Every model is a linen Module applied as
+`model.apply(variables, images_nhwc, train=bool)` (with
+`mutable=['batch_stats']` when training); variables are
+`{'params': ..., 'batch_stats': ...}`.
+
+Small-input variants (documented changes from the ImageNet layouts):
+* `reactnet_a_cifar`: ReActNet-A with a stride-1 stem, so a 32x32 input keeps
+  32x32 through block 1 (maps 32/16/8/4/2 instead of 112/56/28/14/7).
+* `reactnet_small`: ReActNet-A's stem and first 5 blocks (channels
+  32-64-128-128-256-256, the same stride rule), stride-1 stem, for 8x8 digits
+  (maps 8/4/4/2/2) or 32x32 (32/16/16/8/8); `width_multiplier` scales it.
+* `resnet18_cifar`: ResNet-18 with a 3x3/1 stem and no maxpool.
+* `resnet_small`: 3 stages of one BasicBlock (32-64-128), 3x3/1 stem: the
+  real-valued teacher for 8x8 digits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+
+from bnn_jax.models.reactnet import REACTNET_A_CHANNELS, ReActNet18, ReActNetA
+from bnn_jax.models.resnet import ResNet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "reactnet_a": ReActNetA,
+    "reactnet_a_cifar": functools.partial(ReActNetA, stem_strides=1),
+    "reactnet_small": functools.partial(
+        ReActNetA, channels=REACTNET_A_CHANNELS[:6], stem_strides=1),
+    "reactnet_18": ReActNet18,
+    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2)),
+    "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3)),
+    "resnet18_cifar": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
+                                        stem="small"),
+    "resnet_small": functools.partial(ResNet, stage_sizes=(1, 1, 1),
+                                      widths=(32, 64, 128), stem="small"),
+}
+
+
+def _module_class(name: str) -> type:
+  factory = MODELS[name]
+  return factory.func if isinstance(factory, functools.partial) else factory
+
+
+def model_fields(name: str) -> list[str]:
+  """The overridable attributes of model `name`."""
+  return [f.name for f in dataclasses.fields(_module_class(name))
+          if f.name not in ("parent", "name")]
+
+
+def create(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Module:
+  """Builds model `name` with `num_classes` outputs and attribute overrides."""
+  if name not in MODELS:
+    close = difflib.get_close_matches(name, MODELS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown model {name!r}{hint}; choose one of "
+                     f"{sorted(MODELS)}")
+  fields = model_fields(name)
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f"model {name!r} has no attribute(s) {unknown}; valid: "
+                     f"{sorted(fields)}")
+  return MODELS[name](num_classes=num_classes, **overrides)
