@@ -39,9 +39,13 @@ __all__ = [
 
 
 def _sign_forward(x: jax.Array, zero_to: float) -> jax.Array:
-  """sign(x) in x's dtype, with sign(0) = zero_to (for +0.0 and -0.0)."""
+  """sign(x) in x's dtype, with sign(0) = zero_to (for +0.0 and -0.0).
+
+  NaN stays NaN, so a diverging run is not hidden behind +-1.
+  """
   one = jnp.ones_like(x)
-  return jnp.where(x > 0, one, jnp.where(x < 0, -one, jnp.full_like(x, zero_to)))
+  zero = jnp.where(jnp.isnan(x), x, jnp.full_like(x, zero_to))
+  return jnp.where(x > 0, one, jnp.where(x < 0, -one, zero))
 
 
 # ---------------------------------------------------------------------------

@@ -153,7 +153,8 @@ class BatchNorm(nn.Module):
           running_mean <- momentum * running_mean + (1 - momentum) * mu_B,
           running_var  <- momentum * running_var + (1 - momentum) * var_B * n / (n - 1)
           (torch's unbiased running variance; with groups, mu_B and var_B are
-          averaged over the groups).
+          averaged over the groups; torch DataParallel kept only GPU 0's
+          update, i.e. the first group's, a noisier estimate of the same).
   eval:   y = (x - running_mean) / sqrt(running_var + eps) * scale + bias.
 
   Parameter and statistic names follow flax: params {scale, bias},

@@ -27,6 +27,13 @@ def test_sign_zero_convention():
   np.testing.assert_array_equal(_grad(binary.sign, x), [0, 0, 0, 0])
 
 
+def test_nan_passes_through():
+  x = jnp.array([jnp.nan, 1.0])
+  for fn in (binary.sign, binary.ste_sign, binary.approx_sign,
+             binary.swish_sign, binary.sign_weights):
+    assert np.isnan(fn(x)[0]) and fn(x)[1] == 1.0
+
+
 def test_approx_sign_spec_values():
   x = [-1.5, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 1.5]
   np.testing.assert_allclose(_grad(binary.approx_sign, x),
