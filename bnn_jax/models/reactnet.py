@@ -41,6 +41,21 @@ def reactnet_a_strides(channels: Sequence[int]) -> tuple[int, ...]:
       for c_in, c_out in zip(channels[:-1], channels[1:]))
 
 
+def scaled_channels(channels: Sequence[int], multiplier: float) -> list[int]:
+  """channels * multiplier, keeping every C_out in (C_in, 2 C_in).
+
+  The stem width is rounded once and every entry scaled as a multiple of it
+  (ReActNet-A's widths are all multiples of the stem's 32).
+  """
+  if multiplier == 1.0:
+    return list(channels)
+  base = max(1, int(round(channels[0] * multiplier)))
+  if any(c % channels[0] for c in channels):
+    raise ValueError(f"width_multiplier needs channels that are multiples of "
+                     f"the first ({channels[0]}); got {list(channels)}")
+  return [base * (c // channels[0]) for c in channels]
+
+
 class ReActNetABlock(nn.Module):
   """One ReActNet-A block (see the module docstring)."""
   out_channels: int
@@ -100,7 +115,8 @@ class ReActNetA(nn.Module):
     num_classes: classes of the FC head.
     channels: stem output channels followed by each block's output channels.
     stem_strides: 2 for ImageNet (224 -> 112); 1 for small inputs.
-    width_multiplier: scales every entry of `channels`.
+    width_multiplier: scales every entry of `channels` (strides follow the
+      unscaled channels).
     binary_weights: False = AdamBNN step 1 (real weights, same parameters).
     binary_activations: False turns the input binariser off as well.
     activation_binarizer / kernel_binarizer: names in `bnn_jax.binary`.
@@ -121,8 +137,7 @@ class ReActNetA(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    channels = [max(1, int(round(c * self.width_multiplier)))
-                for c in self.channels]
+    channels = scaled_channels(self.channels, self.width_multiplier)
     x = x.astype(self.dtype)
     # Real-valued stem: conv 3x3 (stride stem_strides, pad 1) -> BN, no activation.
     x = BinaryConv(channels[0], kernel_size=3, strides=self.stem_strides,
@@ -131,7 +146,7 @@ class ReActNetA(nn.Module):
                    dtype=self.dtype, name="stem_conv")(x)
     x = BatchNorm(group_size=self.bn_group_size, name="stem_bn")(x, train)
     for i, (c_out, s) in enumerate(
-        zip(channels[1:], reactnet_a_strides(channels)), start=1):
+        zip(channels[1:], reactnet_a_strides(self.channels)), start=1):
       x = ReActNetABlock(
           out_channels=c_out, strides=s,
           input_binarizer=(self.activation_binarizer
