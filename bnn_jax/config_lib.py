@@ -1,0 +1,69 @@
+"""Building blocks for config files (configs/*.py): the run and phase schemas.
+
+A run config:
+
+  seed                    one seed for init, data order and augmentation
+  dataset                 see `input_pipeline.default_dataset_config`
+  batch_size              global training batch (all devices, all hosts)
+  eval_batch_size         global evaluation batch (the last one is padded)
+  model.bn_group_size     per-group ("ghost") BatchNorm statistics; unset = global
+  model.dtype             computation dtype of every model ('float32', 'bfloat16')
+  phase_order             comma-separated phase names, run in order
+  phases.<name>           one phase (below)
+  log_every_steps, eval_every_epochs, checkpoint_every_steps, keep_checkpoints
+
+A phase config:
+
+  model                   name (bnn_jax.models.MODELS) + attribute overrides
+  num_epochs              epochs (converted to steps at run time; 0 = only
+                          load `init_from` and evaluate)
+  optimizer               see `optim.default_optimizer_config`
+  loss                    see `losses.default_loss_config`
+  teacher                 name of an earlier phase to distil from ('' = none)
+  init_from               '' (fresh), 'previous' (hand-off), or a checkpoint dir
+
+Durations are in epochs and converted to steps at run time, so
+`--config.batch_size=...` never leaves a stale step count behind.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from bnn_jax import input_pipeline
+from bnn_jax import losses
+from bnn_jax import optim
+
+
+def base_config(dataset_name: str) -> ml_collections.ConfigDict:
+  """Run-level defaults for a data set; add phases and set phase_order."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.dataset = input_pipeline.default_dataset_config(dataset_name)
+  config.batch_size = 256
+  config.eval_batch_size = 256
+  config.model = ml_collections.ConfigDict()
+  config.model.bn_group_size = config_dict.placeholder(int)
+  config.model.dtype = "float32"
+  config.phase_order = ""
+  config.phases = ml_collections.ConfigDict()
+  config.log_every_steps = 100
+  config.eval_every_epochs = 1
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 2
+  return config
+
+
+def phase_config(model_name: str, num_epochs: int,
+                 **model_attributes) -> ml_collections.ConfigDict:
+  """A phase training `model_name` (with attribute overrides) for `num_epochs`."""
+  phase = ml_collections.ConfigDict()
+  phase.model = ml_collections.ConfigDict(dict(name=model_name,
+                                               **model_attributes))
+  phase.num_epochs = num_epochs
+  phase.optimizer = optim.default_optimizer_config()
+  phase.loss = losses.default_loss_config()
+  phase.teacher = ""
+  phase.init_from = ""
+  return phase
