@@ -1,0 +1,556 @@
+"""Input pipeline: TFDS -> per-host split -> augment -> batch -> jax.Array.
+
+Data sets (`dataset_cfg.name`) and their preprocessing (SPEC §3). Every image
+ends as float32 [H, W, C] = (pixel / 255 - mean) / std, per channel.
+
+* `imagenet2012` (default size 224, eval split `validation`), per example:
+  train: fused JPEG decode and random-resized crop: a window is drawn with
+    `tf.image.stateless_sample_distorted_bounding_box` (area 8%-100% of the
+    image, aspect ratio 3/4-4/3, 10 attempts, else the whole image) and only
+    that window is decoded (`tf.image.decode_and_crop_jpeg`); resize to
+    image_size x image_size (bilinear, antialiased); random horizontal flip.
+    This is torchvision's RandomResizedCrop but for the sampling details: TF
+    draws the aspect ratio uniformly (torchvision: log-uniformly) and falls
+    back to the whole image (torchvision: to a centre crop).
+  eval: decode; resize the short side to image_size * 256 / 224 rounded
+    half up (256 at 224) and the long side to int(that * long / short)
+    (torchvision's `Resize(int)`); centre crop image_size x image_size
+    (torchvision's `CenterCrop`, offsets rounded half to even).
+  mean/std (ImageNet): (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).
+* `cifar10` (default size 32, eval split `test`), per batch (vectorised):
+  train: zero-pad 4 pixels on each side, random 32x32 crop, random horizontal
+    flip. eval: nothing. Both then resize to image_size if it is not 32.
+  mean/std (the CIFAR-10 train set's per-channel statistics):
+    (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616).
+* `digits` (default size 8, eval split `test`; `bnn_jax.datasets.digits`,
+  built into data_dir on first use), per batch (vectorised):
+  train: random shift by up to 1 pixel (zero-pad 1, random 8x8 crop), no flip
+    (digits are not mirror-symmetric). eval: nothing. Both then resize to
+    image_size if it is not 8.
+  mean/std (of all pixels of the 1437 train images on [0, 1], population
+    std; one channel): (0.30543,) / (0.37596,).
+
+`augment=False` gives the train split the eval preprocessing.
+
+Training batches (`train_iterator`): dict(image=float32 [B, H, W, C],
+label=int32 [B]), infinite. Epoch e of process p gets two seeds from
+(seed, p, e). One shuffles the process's share of the train split (the file
+order too where the shuffle buffer cannot hold the whole split), so every
+epoch is a fresh permutation that holds each example once. The last partial
+batch of an epoch is dropped: every process runs
+`steps_per_epoch = num_train // global_batch_size` steps per epoch. The other
+seeds the augmentation, which uses only stateless random ops: an example's
+randomness is drawn from (that seed, its position in the epoch), for the
+per-batch recipes from (that seed, the position of the batch's first
+example). So the batches are a pure function of (config, seed, process
+count): batch k is the same whatever `start_step` a run resumed from.
+Resuming at step k starts epoch k // steps_per_epoch and skips that epoch's
+first examples before they are augmented.
+
+Shuffle buffer (`shuffle_buffer_size`): by default the whole per-process split
+for cifar10 and digits, which is then decoded once and cached in memory;
+50,000 encoded JPEGs (~5.5 GB) for imagenet2012, whose epochs are then a
+window shuffle of a freshly shuffled file order.
+
+Evaluation batches (`eval_iterator`): dict(image, label, mask=bool [B]),
+finite. Each process reads its part of `tfds.even_splits(split,
+process_count)` (sizes differ by at most one), every example exactly once,
+then pads with filler examples (all-zero image before or after
+normalisation, label 0, mask False) to ceil(ceil(N / process_count) /
+B_local) batches, the same on every process.
+
+Multi-host: the per-process batch is global_batch_size / process_count; the
+train split is shared with `tfds.split_for_jax_process(drop_remainder=True)`
+(dropping at most process_count - 1 examples).
+With `sharding` (e.g. `NamedSharding(mesh, P('data'))`) the per-process
+batches become global `jax.Array`s through
+`jax.make_array_from_process_local_data`; without it they stay numpy arrays.
+
+TensorFlow runs on the host CPU only: importing this module hides every GPU
+from it, so it never reserves accelerator memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Any, Callable, Iterator, Optional
+
+import tensorflow as tf
+
+# Before anything touches TensorFlow's devices: the accelerators belong to JAX.
+tf.config.set_visible_devices([], "GPU")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from bnn_jax.datasets import digits  # noqa: E402
+
+__all__ = [
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "default_dataset_config",
+    "eval_iterator",
+    "get_info",
+    "steps_per_epoch",
+    "train_iterator",
+]
+
+Batch = dict[str, Any]
+
+
+class DatasetNotFoundError(ValueError):
+  """The data set is not prepared in its TFDS data_dir (and cannot be made)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the training loop need to know about a data set.
+
+  Attributes:
+    name: TFDS name.
+    num_classes: number of labels.
+    image_shape: model input (H, W, C).
+    num_train: examples in the train split (all processes together).
+    num_eval: examples in the eval split (all processes together).
+  """
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train: int
+  num_eval: int
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing. A recipe's `decode` runs once per stored example (its output
+# may be cached). `train(images, size, seed)` and `eval(images, size)` take
+# one decoded example or, for a `batched` recipe, a batch of them, and return
+# float32 in [0, 1] of static shape [(B,) size, size, C]; normalisation
+# follows.
+# ---------------------------------------------------------------------------
+def _to_unit_float(images: tf.Tensor, size: int) -> tf.Tensor:
+  """uint8 -> float32 in [0, 1], resized to size x size when it is not."""
+  images = tf.cast(images, tf.float32) / 255.0
+  if tuple(images.shape[-3:-1]) != (size, size):
+    images = tf.image.resize(images, [size, size], method="bilinear",
+                             antialias=True)
+  return images
+
+
+def _imagenet_train(encoded: tf.Tensor, size: int,
+                    seed: tf.Tensor) -> tf.Tensor:
+  """Fused decode + random-resized crop, resize, random horizontal flip."""
+  crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.image.extract_jpeg_shape(encoded),
+      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=crop_seed,
+      min_object_covered=0.0,  # The area range alone bounds the crop.
+      aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+      area_range=(0.08, 1.0),
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  top, left, _ = tf.unstack(begin)
+  height, width, _ = tf.unstack(crop_size)
+  image = tf.image.decode_and_crop_jpeg(
+      encoded, tf.stack([top, left, height, width]), channels=3)
+  image = tf.image.resize(image, [size, size], method="bilinear",
+                          antialias=True) / 255.0
+  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def _imagenet_eval(encoded: tf.Tensor, size: int) -> tf.Tensor:
+  """Decode, resize the short side to size*256/224, centre crop size."""
+  image = tf.io.decode_jpeg(encoded, channels=3)
+  resize = int(size * 256 / 224 + 0.5)
+  height, width = tf.unstack(tf.shape(image)[:2])
+  portrait = width <= height
+  new_height = tf.where(portrait, resize * height // width, resize)
+  new_width = tf.where(portrait, resize, resize * width // height)
+  image = tf.image.resize(image, tf.stack([new_height, new_width]),
+                          method="bilinear", antialias=True) / 255.0
+  top = tf.cast(tf.round(tf.cast(new_height - size, tf.float32) / 2),
+                tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_width - size, tf.float32) / 2),
+                 tf.int32)
+  return tf.ensure_shape(image[top:top + size, left:left + size],
+                         (size, size, 3))
+
+
+def _decode_png(encoded: tf.Tensor, *, native: int,
+                channels: int) -> tf.Tensor:
+  return tf.ensure_shape(tf.io.decode_png(encoded, channels=channels),
+                         (native, native, channels))
+
+
+def _pad_crop_train(images: tf.Tensor, size: int, seed: tf.Tensor, *,
+                    pad: int, flip: bool) -> tf.Tensor:
+  """Per example of a batch: zero-pad, random crop back, optional flip."""
+  crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
+  batch = tf.shape(images)[0]
+  _, height, width, _ = images.shape
+  offsets = tf.random.stateless_uniform([2, batch], crop_seed,
+                                        maxval=2 * pad + 1, dtype=tf.int32)
+  padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+  images = tf.gather(padded, offsets[0][:, None] + tf.range(height), axis=1,
+                     batch_dims=1)
+  images = tf.gather(images, offsets[1][:, None] + tf.range(width), axis=2,
+                     batch_dims=1)
+  if flip:
+    mirror = tf.random.stateless_uniform([batch], flip_seed) < 0.5
+    images = tf.where(mirror[:, None, None, None],
+                      tf.reverse(images, axis=[2]), images)
+  return _to_unit_float(images, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+  """How one data set is read, augmented and normalised."""
+  image_size: int
+  channels: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  decode: Callable[[tf.Tensor], tf.Tensor]
+  train: Callable[[tf.Tensor, int, tf.Tensor], tf.Tensor]
+  eval: Callable[[tf.Tensor, int], tf.Tensor]
+  batched: bool  # train / eval take batches (cheap ops on small images).
+  eval_split: str
+  shuffle_buffer_size: Optional[int]
+  # Either how to prepare the data by hand (formatted with data_dir) or a
+  # function that prepares it into data_dir and returns the builder.
+  how_to_prepare: str = ""
+  prepare: Optional[Callable[[Optional[str]],
+                             tfds.core.DatasetBuilder]] = None
+
+
+_RECIPES = {
+    "imagenet2012": _Recipe(
+        image_size=224, channels=3,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        decode=tf.identity,  # JPEG decoding is fused with the train crop.
+        train=_imagenet_train, eval=_imagenet_eval, batched=False,
+        eval_split="validation", shuffle_buffer_size=50_000,
+        how_to_prepare=(
+            "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+            "from image-net.org into {data_dir}/downloads/manual/ and run "
+            "`tfds build imagenet2012 --data_dir={data_dir}`")),
+    "cifar10": _Recipe(
+        image_size=32, channels=3,
+        # Per-channel mean and (population) std of the 50,000 train images.
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        decode=functools.partial(_decode_png, native=32, channels=3),
+        train=functools.partial(_pad_crop_train, pad=4, flip=True),
+        eval=_to_unit_float, batched=True,
+        eval_split="test", shuffle_buffer_size=None,
+        how_to_prepare=(
+            "run `tfds build cifar10 --data_dir={data_dir}` on a machine "
+            "with internet access (then copy {data_dir}/cifar10 here if "
+            "that was another machine)")),
+    "digits": _Recipe(
+        image_size=8, channels=1,
+        # Mean and (population) std of all pixels of the 1437 train images
+        # on the [0, 1] scale: pixels = digits.to_uint8(load_digits().images)
+        # [train_idx] / 255; (pixels.mean(), pixels.std()) =
+        # (0.305434, 0.375957). tests/test_input_pipeline.py recomputes them.
+        mean=(0.30543,), std=(0.37596,),
+        decode=functools.partial(_decode_png, native=8, channels=1),
+        train=functools.partial(_pad_crop_train, pad=1, flip=False),
+        eval=_to_unit_float, batched=True,
+        eval_split="test", shuffle_buffer_size=None,
+        prepare=digits.prepare),
+}
+
+
+def _recipe(name: str) -> _Recipe:
+  if name not in _RECIPES:
+    raise ValueError(
+        f"Unknown data set {name!r}; known: {', '.join(sorted(_RECIPES))}.")
+  return _RECIPES[name]
+
+
+def default_dataset_config(name: str) -> ml_collections.ConfigDict:
+  """The dataset config with every field the pipeline reads, at its default.
+
+  Fields: name; data_dir (None: TFDS's default, `$TFDS_DATA_DIR` or
+  `~/tensorflow_datasets`); train_split; eval_split; image_size (None: the
+  data set's own, 224 / 32 / 8); augment (train augmentation on/off);
+  shuffle_buffer_size (None: the whole per-process train split).
+
+  Args:
+    name: 'digits', 'cifar10' or 'imagenet2012'.
+
+  Returns:
+    A new ConfigDict.
+  """
+  recipe = _recipe(name)
+  return ml_collections.ConfigDict({
+      "name": name,
+      "data_dir": None,
+      "train_split": "train",
+      "eval_split": recipe.eval_split,
+      "image_size": None,
+      "augment": True,
+      "shuffle_buffer_size": recipe.shuffle_buffer_size,
+  })
+
+
+def _complete(dataset_cfg: ml_collections.ConfigDict
+              ) -> ml_collections.ConfigDict:
+  """`dataset_cfg` over `default_dataset_config(dataset_cfg.name)`."""
+  cfg = default_dataset_config(dataset_cfg.name)
+  cfg.update(dataset_cfg)
+  return cfg
+
+
+def _builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder; raises DatasetNotFoundError if there is none."""
+  recipe = _recipe(cfg.name)
+  if recipe.prepare:
+    return recipe.prepare(cfg.data_dir)
+  builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+  if not builder.is_prepared():
+    data_dir = str(builder.data_dir_root)
+    raise DatasetNotFoundError(
+        f"{cfg.name} is not prepared in {data_dir}: "
+        + recipe.how_to_prepare.format(data_dir=data_dir) + ".")
+  return builder
+
+
+def _image_size(cfg: ml_collections.ConfigDict) -> int:
+  return cfg.image_size or _recipe(cfg.name).image_size
+
+
+def _info(cfg: ml_collections.ConfigDict,
+          builder: tfds.core.DatasetBuilder) -> DatasetInfo:
+  size = _image_size(cfg)
+  return DatasetInfo(
+      name=cfg.name,
+      num_classes=builder.info.features["label"].num_classes,
+      image_shape=(size, size, _recipe(cfg.name).channels),
+      num_train=builder.info.splits[cfg.train_split].num_examples,
+      num_eval=builder.info.splits[cfg.eval_split].num_examples)
+
+
+def get_info(dataset_cfg: ml_collections.ConfigDict) -> DatasetInfo:
+  """Sizes and shapes of the data set (prepares digits on first use).
+
+  Raises:
+    DatasetNotFoundError: the data set is not prepared in its data_dir.
+  """
+  cfg = _complete(dataset_cfg)
+  return _info(cfg, _builder(cfg))
+
+
+def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
+  """Training steps per epoch: num_train // global_batch_size.
+
+  The last partial batch of each epoch is dropped, so every step sees a full
+  global batch and every process runs the same number of steps.
+  """
+  steps = info.num_train // global_batch_size
+  if steps == 0:
+    raise ValueError(f"global batch {global_batch_size} is larger than the "
+                     f"{info.num_train} training examples of {info.name}.")
+  return steps
+
+
+def _local_batch_size(global_batch_size: int) -> int:
+  count = jax.process_count()
+  if global_batch_size % count:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                     f"the {count} processes.")
+  return global_batch_size // count
+
+
+def _normalise(images: tf.Tensor, recipe: _Recipe) -> tf.Tensor:
+  return (images - tf.constant(recipe.mean)) / tf.constant(recipe.std)
+
+
+def _to_global(batch: Batch, sharding: Optional[jax.sharding.Sharding]
+               ) -> Batch:
+  """Per-process numpy batch -> global jax.Arrays laid out by `sharding`."""
+  if sharding is None:
+    return batch
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items()}
+
+
+def _read(builder: tfds.core.DatasetBuilder, split: Any, recipe: _Recipe,
+          shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+  """(recipe.decode(image), int32 label) pairs of `split`.
+
+  Args:
+    builder: a prepared builder.
+    split: TFDS split or sub-split.
+    recipe: gives the decoding.
+    shuffle_seed: None reads the files in their stored order; an int reads
+      them in an order shuffled with this seed.
+  """
+  ds = builder.as_dataset(
+      split=split, shuffle_files=shuffle_seed is not None,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed,
+                                  try_autocache=False, skip_prefetch=True))
+  return ds.map(
+      lambda ex: (recipe.decode(ex["image"]), tf.cast(ex["label"], tf.int32)),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _epoch_seeds(seed: int, epoch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """(shuffle seed, augmentation seed) of one epoch of this process."""
+  key = tf.random.experimental.stateless_fold_in(
+      tf.constant([seed, jax.process_index()], tf.int64), epoch)
+  seeds = tf.random.stateless_uniform([2], seed=key, minval=0,
+                                      maxval=2**31 - 1, dtype=tf.int64)
+  return seeds[0], seeds[1]
+
+
+def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
+                   global_batch_size: int, seed: int, start_step: int = 0,
+                   sharding: Optional[jax.sharding.Sharding] = None
+                   ) -> Iterator[Batch]:
+  """Infinite augmented training batches, from step `start_step` on.
+
+  Args:
+    dataset_cfg: see `default_dataset_config`; missing fields take defaults.
+    global_batch_size: examples per step over all processes.
+    seed: fixes the shuffles and the augmentation.
+    start_step: the first batch yielded is batch `start_step` of the run.
+    sharding: lay batches out as global jax.Arrays (e.g.
+      `NamedSharding(mesh, P('data'))`); None yields numpy arrays.
+
+  Returns:
+    An iterator of dict(image=float32 [B, H, W, C], label=int32 [B]), B the
+    global batch with `sharding`, else the per-process batch.
+
+  Raises:
+    DatasetNotFoundError: the data set is not prepared in its data_dir.
+  """
+  cfg = _complete(dataset_cfg)
+  builder = _builder(cfg)
+  steps = steps_per_epoch(_info(cfg, builder), global_batch_size)
+  local_batch = _local_batch_size(global_batch_size)
+  split = tfds.split_for_jax_process(cfg.train_split, drop_remainder=True)
+  num_local = builder.info.splits[split].num_examples
+  buffer_size = min(cfg.shuffle_buffer_size or num_local, num_local)
+  recipe = _recipe(cfg.name)
+  size = _image_size(cfg)
+  first_epoch, skip_steps = divmod(start_step, steps)
+
+  def epoch_examples(records: tf.data.Dataset,
+                     epoch: tf.Tensor) -> tf.data.Dataset:
+    """One epoch, shuffled and cut to whole batches.
+
+    Args:
+      records: (image, label) pairs.
+      epoch: int64 scalar.
+
+    Returns:
+      (augmentation seed, position in the epoch, (image, label)) triples.
+    """
+    shuffle_seed, augment_seed = _epoch_seeds(seed, epoch)
+    num_examples = steps * local_batch
+    return tf.data.Dataset.zip(  # zip, not map: cheaper per element.
+        tf.data.Dataset.from_tensors(augment_seed).repeat(),
+        tf.data.Dataset.range(num_examples),
+        records.shuffle(buffer_size, seed=shuffle_seed).take(num_examples))
+
+  def preprocess(augment_seed, position, example) -> Batch:
+    images, labels = example
+    if cfg.augment:
+      images = recipe.train(images, size, tf.stack([augment_seed, position]))
+    else:
+      images = recipe.eval(images, size)
+    return {"image": _normalise(images, recipe), "label": labels}
+
+  def to_batches(examples: tf.data.Dataset, skip: int) -> Iterator[Batch]:
+    # Skip before augmenting: resuming does not redo the skipped examples.
+    ds = examples.skip(skip * local_batch)
+    if recipe.batched:
+      ds = ds.batch(local_batch, drop_remainder=True).map(
+          lambda seeds, positions, batch: preprocess(seeds[0], positions[0],
+                                                     batch),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+      ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
+      ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return (_to_global(batch, sharding) for batch in ds.as_numpy_iterator())
+
+  def batches() -> Iterator[Batch]:
+    if buffer_size == num_local:
+      # The buffer holds the whole split, so the file order does not matter
+      # and caching the decoded split costs no more memory than the buffer:
+      # one tf.data graph serves every epoch (no per-epoch start-up cost).
+      records = _read(builder, split, recipe).cache()
+      yield from to_batches(
+          tf.data.Dataset.counter(first_epoch).flat_map(
+              lambda epoch: epoch_examples(records, epoch)), skip_steps)
+    else:
+      # A window shuffle: each epoch also reads the files in a fresh order.
+      for epoch in itertools.count(first_epoch):
+        epoch_tensor = tf.constant(epoch, tf.int64)
+        shuffle_seed, _ = _epoch_seeds(seed, epoch_tensor)
+        records = _read(builder, split, recipe, int(shuffle_seed))
+        yield from to_batches(epoch_examples(records, epoch_tensor),
+                           skip_steps if epoch == first_epoch else 0)
+
+  return batches()
+
+
+def eval_iterator(dataset_cfg: ml_collections.ConfigDict, *,
+                  global_batch_size: int,
+                  sharding: Optional[jax.sharding.Sharding] = None,
+                  split: Optional[str] = None) -> Iterator[Batch]:
+  """One pass over an eval split, every example once, padded and masked.
+
+  Args:
+    dataset_cfg: see `default_dataset_config`; missing fields take defaults.
+    global_batch_size: examples per batch over all processes.
+    sharding: as in `train_iterator`.
+    split: the TFDS split (any sub-split syntax); None means
+      `dataset_cfg.eval_split`.
+
+  Returns:
+    An iterator of dict(image=float32 [B, H, W, C], label=int32 [B],
+    mask=bool [B]); mask is False on the filler examples that pad the last
+    batches. Every process yields ceil(ceil(N / process_count) / B_local)
+    batches.
+
+  Raises:
+    DatasetNotFoundError: the data set is not prepared in its data_dir.
+  """
+  cfg = _complete(dataset_cfg)
+  builder = _builder(cfg)
+  split = split or cfg.eval_split
+  local_batch = _local_batch_size(global_batch_size)
+  num_examples = builder.info.splits[split].num_examples
+  num_batches = math.ceil(
+      math.ceil(num_examples / jax.process_count()) / local_batch)
+  recipe = _recipe(cfg.name)
+  size = _image_size(cfg)
+
+  def preprocess(example: Batch) -> Batch:
+    images = recipe.eval(example["image"], size)
+    return {**example, "image": _normalise(images, recipe)}
+
+  host_split = tfds.even_splits(split, n=jax.process_count())[
+      jax.process_index()]
+  ds = _read(builder, host_split, recipe).map(
+      lambda image, label: {"image": image, "label": label, "mask": True})
+  if not recipe.batched:
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+  padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(
+      lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec))
+  ds = ds.concatenate(padding.repeat()).take(num_batches * local_batch)
+  ds = ds.batch(local_batch)
+  if recipe.batched:
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return (_to_global(batch, sharding) for batch in ds.as_numpy_iterator())
