@@ -84,8 +84,38 @@ class RPReLU(nn.Module):
     return z + shift_out.astype(x.dtype)
 
 
+# Maps at most this size (H and W) run a k x k conv (k > 1) as im2col + one
+# matmul: XLA:CPU lowers convs whose map is smaller than the kernel to a naive
+# loop (measured: reactnet_small train step at 8x8, batch 64, 132 ms -> 20 ms).
+SMALL_MAP_SIZE = 4
+
+
+def _conv2d_im2col(x: Array, kernel: Array, strides: int, padding: int) -> Array:
+  """conv(x, kernel) as k*k strided slices concatenated on channels, then one matmul.
+
+  y[n, i, j, o] = sum_{a, b, c} xpad[n, s*i + a, s*j + b, c] * kernel[a, b, c, o]
+  """
+  k = kernel.shape[0]
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out_h = (xp.shape[1] - k) // strides + 1
+  out_w = (xp.shape[2] - k) // strides + 1
+  patches = jnp.concatenate(
+      [xp[:, a:a + strides * (out_h - 1) + 1:strides,
+          b:b + strides * (out_w - 1) + 1:strides, :]
+       for a in range(k) for b in range(k)], axis=-1)
+  return jnp.einsum("nhwc,co->nhwo", patches,
+                    kernel.reshape(k * k * kernel.shape[2], kernel.shape[3]))
+
+
 def conv2d_nhwc(x: Array, kernel: Array, strides: int, padding: int) -> Array:
-  """Plain 2-D convolution, NHWC input, HWIO kernel, zero padding `padding`."""
+  """2-D convolution, NHWC input, HWIO kernel, zero padding `padding`.
+
+  Small maps (H, W <= SMALL_MAP_SIZE, kernel > 1x1) use `_conv2d_im2col`,
+  everything else `lax.conv_general_dilated`; both compute the same sum.
+  """
+  k = kernel.shape[0]
+  if k > 1 and max(x.shape[1], x.shape[2]) <= SMALL_MAP_SIZE:
+    return _conv2d_im2col(x, kernel, strides, padding)
   return jax.lax.conv_general_dilated(
       x, kernel,
       window_strides=(strides, strides),

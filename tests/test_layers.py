@@ -249,3 +249,18 @@ def test_batchnorm_group_must_divide_batch():
   variables = bn.init(jax.random.key(0), x, train=False)
   with pytest.raises(ValueError, match="does not divide"):
     bn.apply(variables, x, train=True, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("strides", [1, 2])
+def test_small_map_conv_equals_lax_conv(size, strides):
+  """The im2col path for small maps computes exactly lax's convolution."""
+  kx, kw = jax.random.split(jax.random.key(size * 10 + strides))
+  x = jax.random.normal(kx, (2, size, size, 5))
+  w = jax.random.normal(kw, (3, 3, 5, 7))
+  got = layers.conv2d_nhwc(x, w, strides, 1)
+  want = jax.lax.conv_general_dilated(
+      x, w, (strides, strides), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
