@@ -170,7 +170,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {
         "train/loss": loss,
         "train/top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),

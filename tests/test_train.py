@@ -1,0 +1,142 @@
+"""End-to-end training: a short multi-phase digits run, hand-off, resume, logs."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnn_jax import checkpoint as checkpoint_lib
+from bnn_jax import phases
+from bnn_jax import train
+from configs import digits as digits_config
+
+
+def tiny_digits_config(tmp_data_dir: str):
+  """The embedded default, shortened: 2 + 1 + 1 epochs, a quarter-width student."""
+  config = digits_config.get_config()
+  config.dataset.data_dir = tmp_data_dir
+  config.batch_size = 128
+  config.eval_batch_size = 128
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = 4
+  config.phases.teacher.num_epochs = 2
+  for name in ("step1", "step2"):
+    config.phases[name].num_epochs = 1
+    config.phases[name].model.width_multiplier = 0.25
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = tiny_digits_config(data_dir)
+  results = phases.run(config, workdir)
+  return config, workdir, results
+
+
+def test_results_json(finished_run):
+  _, workdir, results = finished_run
+  with open(os.path.join(workdir, "results.json")) as f:
+    on_disk = json.load(f)
+  assert list(on_disk) == ["teacher", "step1", "step2"]  # phase order
+  assert on_disk == json.loads(json.dumps(results))
+  # 1437 train examples // 128 = 11 steps per epoch.
+  assert [on_disk[p]["steps"] for p in on_disk] == [22, 11, 11]
+  for entry in on_disk.values():
+    assert set(entry) >= {"top1", "best_top1", "steps", "seconds",
+                          "params_sha256"}
+    assert 0.0 <= entry["top1"] <= entry["best_top1"] <= 1.0
+    assert len(entry["params_sha256"]) == 64
+  # Two epochs of a real ResNet on digits are far above chance (0.1).
+  assert on_disk["teacher"]["top1"] > 0.5
+
+
+def test_logs_and_checkpoints(finished_run):
+  _, workdir, _ = finished_run
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  names = set().union(*records)
+  assert {"phase", "step", "train/loss", "train/lr", "train/top1",
+          "eval/top1", "eval/top5", "eval/loss"} <= names
+  assert {r["phase"] for r in records} == {"teacher", "step1", "step2"}
+  kd = [r for r in records if r["phase"] == "step1" and "train/kd_loss" in r]
+  assert kd, "step1 distils from the teacher"
+  for phase in ("teacher", "step1", "step2"):
+    files = os.listdir(os.path.join(workdir, phase))
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, phase,
+                                                    "checkpoints"))
+    assert ckpt.latest_step() == (22 if phase == "teacher" else 11)
+
+
+def test_rerun_continues_without_retraining(finished_run):
+  config, workdir, results = finished_run
+  mtime = os.path.getmtime(os.path.join(workdir, "metrics.jsonl"))
+  again = phases.run(config, workdir)
+  assert again == results
+  # Nothing was trained again, so nothing new was logged.
+  assert os.path.getmtime(os.path.join(workdir, "metrics.jsonl")) == mtime
+
+
+def test_step2_starts_from_step1_exactly(finished_run, tmp_path):
+  """A 0-epoch phase from a checkpoint keeps exactly those parameters."""
+  config, workdir, results = finished_run
+  config = config.copy_and_resolve_references()
+  config.phase_order = "step2"
+  config.phases.step2.num_epochs = 0
+  config.phases.step2.teacher = ""
+  config.phases.step2.init_from = os.path.join(workdir, "step1")
+  out = phases.run(config, str(tmp_path))
+  assert out["step2"]["params_sha256"] == results["step1"]["params_sha256"]
+  assert out["step2"]["steps"] == 0
+
+
+def test_handoff_rejects_mismatched_variables(finished_run, tmp_path):
+  config, workdir, _ = finished_run
+  config = config.copy_and_resolve_references()
+  config.phase_order = "step2"
+  config.phases.step2.teacher = ""
+  # The teacher's ResNet variables do not fit the ReActNet student.
+  config.phases.step2.init_from = os.path.join(workdir, "teacher")
+  with pytest.raises(ValueError, match=r"missing: .*block_1/.*unexpected: "):
+    phases.run(config, str(tmp_path))
+
+
+def test_check_variables_match_names_the_problem():
+  expected = {"params": {"a": jnp.zeros((2, 3)), "b": jnp.zeros(4)}}
+  train.check_variables_match(expected, {"params": {"a": np.ones((2, 3)),
+                                                    "b": np.ones(4)}}, "x")
+  with pytest.raises(ValueError, match=r"missing: params/b"):
+    train.check_variables_match(expected, {"params": {"a": np.ones((2, 3))}},
+                                "x")
+  with pytest.raises(ValueError,
+                     match=r"mis-shaped: params/a \(3, 2\) \(model wants \(2, 3\)\)"):
+    train.check_variables_match(
+        expected, {"params": {"a": np.ones((3, 2)), "b": np.ones(4)}}, "x")
+  with pytest.raises(ValueError, match=r"unexpected: params/c"):
+    train.check_variables_match(
+        expected, {"params": {"a": np.ones((2, 3)), "b": np.ones(4),
+                              "c": np.ones(1)}}, "x")
+
+
+def test_init_from_previous_needs_a_previous_phase(data_dir, tmp_path):
+  config = tiny_digits_config(data_dir)
+  config.phase_order = "step2"
+  with pytest.raises(ValueError, match="init_from"):
+    phases.run(config, str(tmp_path))
+
+
+def test_params_sha256_is_order_independent_and_value_sensitive():
+  a = {"x": np.arange(3, dtype=np.float32), "y": np.ones((2, 2), np.float32)}
+  b = {"y": np.ones((2, 2), np.float32), "x": np.arange(3, dtype=np.float32)}
+  assert train.params_sha256(a) == train.params_sha256(b)
+  b["x"] = b["x"].copy()
+  b["x"][0] = np.float32(1e-30)
+  assert train.params_sha256(a) != train.params_sha256(b)
