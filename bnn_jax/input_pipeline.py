@@ -85,6 +85,7 @@ tf.config.set_visible_devices([], "GPU")
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
+from ml_collections import config_dict  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from bnn_jax.datasets import digits  # noqa: E402
@@ -288,12 +289,14 @@ def default_dataset_config(name: str) -> ml_collections.ConfigDict:
   recipe = _recipe(name)
   return ml_collections.ConfigDict({
       "name": name,
-      "data_dir": None,
+      # Typed placeholders (None until set) so --config.dataset.X=... works.
+      "data_dir": config_dict.placeholder(str),
       "train_split": "train",
       "eval_split": recipe.eval_split,
-      "image_size": None,
+      "image_size": config_dict.placeholder(int),
       "augment": True,
-      "shuffle_buffer_size": recipe.shuffle_buffer_size,
+      "shuffle_buffer_size": config_dict.FieldReference(
+          recipe.shuffle_buffer_size, field_type=int),
   })
 
 
@@ -301,7 +304,7 @@ def _complete(dataset_cfg: ml_collections.ConfigDict
               ) -> ml_collections.ConfigDict:
   """`dataset_cfg` over `default_dataset_config(dataset_cfg.name)`."""
   cfg = default_dataset_config(dataset_cfg.name)
-  cfg.update(dataset_cfg)
+  cfg.update(dataset_cfg.to_dict())  # plain values, not FieldReferences
   return cfg
 
 
