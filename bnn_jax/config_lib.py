@@ -11,6 +11,8 @@ A run config:
   phase_order             comma-separated phase names, run in order
   phases.<name>           one phase (below)
   log_every_steps, eval_every_epochs, checkpoint_every_steps, keep_checkpoints
+  dynamics.every          log `bnn_jax.dynamics` metrics every N steps (0 = off);
+                          dynamics.dead_threshold, dynamics.per_layer
 
 A phase config:
 
@@ -31,8 +33,10 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from bnn_jax import dynamics
 from bnn_jax import input_pipeline
 from bnn_jax import losses
+from bnn_jax import models
 from bnn_jax import optim
 
 
@@ -52,6 +56,7 @@ def base_config(dataset_name: str) -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
+  config.dynamics = dynamics.default_dynamics_config()
   return config
 
 
@@ -59,8 +64,15 @@ def phase_config(model_name: str, num_epochs: int,
                  **model_attributes) -> ml_collections.ConfigDict:
   """A phase training `model_name` (with attribute overrides) for `num_epochs`."""
   phase = ml_collections.ConfigDict()
-  phase.model = ml_collections.ConfigDict(dict(name=model_name,
-                                               **model_attributes))
+  # Every plain attribute of the model, so any can be set from the command
+  # line (--config.phases.step1.model.activation_binarizer=ste_sign).
+  attributes = models.default_attributes(model_name)
+  unknown = sorted(set(model_attributes) - set(attributes))
+  if unknown:
+    raise ValueError(f"model {model_name!r} has no attribute(s) {unknown}; "
+                     f"valid: {sorted(attributes)}")
+  attributes.update(model_attributes)
+  phase.model = ml_collections.ConfigDict(dict(name=model_name, **attributes))
   phase.num_epochs = num_epochs
   phase.optimizer = optim.default_optimizer_config()
   phase.loss = losses.default_loss_config()

@@ -28,6 +28,10 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and "
                     "results.json; re-running continues the run in it.")
 flags.DEFINE_bool("debug", False, "Show full tracebacks on errors.")
+flags.DEFINE_bool("overwrite", False, "If --workdir holds a run of a "
+                  "different config, move it aside to <workdir>.replaced-<time> "
+                  "and start afresh (without this flag such a workdir is "
+                  "refused).")
 
 EXIT_PREEMPTED = 143
 
@@ -43,12 +47,56 @@ def _run(argv) -> int:
     raise ValueError("pass --config=configs/<name>.py and --workdir=<dir>")
   logging.set_verbosity(logging.WARNING)
   try:
-    phases.run(FLAGS.config, FLAGS.workdir)
+    phases.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
   except train.Preempted as e:
     print(f"stopped: {e}", file=sys.stderr, flush=True)
     return EXIT_PREEMPTED
   print(f"results: {os.path.join(FLAGS.workdir, phases.RESULTS_FILE)}")
   return 0
+
+
+def _one_line(e: BaseException) -> str:
+  """An exception's message on one line (KeyError and AttributeError quote theirs)."""
+  text = str(e.args[0]) if (isinstance(e, KeyError) and e.args) else str(e)
+  text = text.replace("\\n", "\n").replace("\\'", "'").strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    text = text[1:-1]
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  return " ".join(lines[:2]) if lines else repr(e)
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors (unknown config key, bad value, missing file)."""
+  debug = "--debug" in argv
+  for arg in argv[1:]:
+    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):
+      _fail(f"config file {arg.split('=', 1)[1]!r} not found; pass one of "
+            f"configs/*.py, e.g. --config=configs/digits.py")
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # absl and ml_collections raise many types here.
+    if debug:
+      raise
+    detail = _one_line(e)
+    cause = e.__cause__ or e.__context__
+    if cause is not None and "earlier failure" in detail:
+      detail = _one_line(cause)
+    if isinstance(e, (AttributeError, KeyError)):
+      key = detail.split()[0].strip("'\"") if detail else ""
+      bad = [a.split("=", 1)[0] for a in argv[1:]
+             if a.startswith("--config.") and
+             key in a.split("=", 1)[0].split(".")]
+      where = f" in {bad[0]}" if bad else ""
+      detail = f"unknown config key {key!r}{where}" + (
+          f"; {' '.join(detail.split()[1:])}" if len(detail.split()) > 1
+          else "; print the config with --config=... --helpfull or read it")
+    _fail(f"{detail}")
+  return []
 
 
 def main(argv):
@@ -57,11 +105,9 @@ def main(argv):
   except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
     if FLAGS.debug:
       raise
-    message = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    _fail(_one_line(e))
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -24,14 +24,26 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from bnn_jax import checkpoint as checkpoint_lib
+from bnn_jax import input_pipeline
+from bnn_jax import losses
+from bnn_jax import optim
 from bnn_jax import train
 
 RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.json"
+# Fields that change how a run is watched, not what it computes: a workdir
+# may be continued with different values of these.
+OPERATIONAL_FIELDS = ("log_every_steps", "eval_every_epochs",
+                      "checkpoint_every_steps", "keep_checkpoints",
+                      "phase_order", "dataset.data_dir", "dynamics")
 
 
 def phase_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -47,7 +59,121 @@ def phase_names(config: ml_collections.ConfigDict) -> list[str]:
   return names
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the whole run's config before anything trains; ValueError names the fix.
+
+  Catches what would otherwise fail hours in: batch sizes that do not split
+  over the devices, BN groups that do not divide the per-device batch, an
+  unprepared data set, unknown model / optimizer / schedule / binariser
+  names, bad values, a 0-epoch phase with nothing to load, a KD loss without
+  a teacher, a teacher or `init_from` that is not available.
+  """
+  names = phase_names(config)
+  devices = jax.device_count()
+  for field in ("batch_size", "eval_batch_size"):
+    value = config[field]
+    if value <= 0 or value % devices:
+      raise ValueError(f"config.{field}={value} must be a positive multiple "
+                       f"of the device count {devices}; set "
+                       f"--config.{field}=<multiple of {devices}>")
+  group = config.model.bn_group_size
+  per_device = config.batch_size // devices
+  if group is not None and (group <= 0 or per_device % group):
+    raise ValueError(f"config.model.bn_group_size={group} must divide the "
+                     f"per-device batch {per_device} (batch_size "
+                     f"{config.batch_size} over {devices} devices)")
+  try:
+    jnp.dtype(config.model.dtype)
+  except TypeError:
+    raise ValueError(f"config.model.dtype={config.model.dtype!r} is not a "
+                     "dtype; use 'float32' or 'bfloat16'") from None
+  info = input_pipeline.get_info(config.dataset)
+  input_pipeline.steps_per_epoch(info, config.batch_size)
+  for index, name in enumerate(names):
+    phase = config.phases[name]
+    where = f"config.phases.{name}"
+    if not isinstance(phase.num_epochs, int) or phase.num_epochs < 0:
+      raise ValueError(f"{where}.num_epochs={phase.num_epochs} must be an "
+                       "integer >= 0")
+    if phase.num_epochs == 0 and not phase.init_from:
+      raise ValueError(f"phase {name!r} trains 0 epochs and loads nothing; "
+                       f"set --{where}.init_from=<checkpoint dir> (e.g. from "
+                       "python -m bnn_jax.import_torch) or num_epochs > 0")
+    if phase.init_from == "previous" and index == 0:
+      raise ValueError(f"phase {name!r} has init_from='previous' but is the "
+                       f"first phase run; set --{where}.init_from=<checkpoint "
+                       "dir>")
+    if phase.init_from not in ("", "previous") and not os.path.isdir(
+        phase.init_from):
+      raise ValueError(f"{where}.init_from={phase.init_from!r} is not a "
+                       "directory; pass a bnn_jax checkpoint directory")
+    if phase.teacher and phase.teacher not in names[:index]:
+      raise ValueError(f"phase {name!r} distils from {phase.teacher!r}, which "
+                       f"is not an earlier phase of phase_order {names}")
+    optim.resolve_config(phase.optimizer)
+    loss_cfg = losses.resolve_loss_config(phase.loss)
+    if loss_cfg.kd_weight > 0 and not phase.teacher:
+      raise ValueError(f"phase {name!r} has loss.kd_weight={loss_cfg.kd_weight}"
+                       f" but no teacher; set --{where}.teacher=<earlier phase>"
+                       f" or --{where}.loss.kd_weight=0")
+    model = train.build_model(config, phase.model, info.num_classes)
+    dummy = jax.ShapeDtypeStruct((1,) + tuple(info.image_shape), jnp.float32)
+    try:
+      jax.eval_shape(lambda x, m=model: m.init(jax.random.key(0), x), dummy)
+    except ValueError as e:
+      raise ValueError(f"{where}.model: {e}") from e
+
+
+def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the fields where two config dicts differ."""
+  out = []
+  for key in sorted(set(a) | set(b)):
+    name = f"{prefix}{key}"
+    if name in OPERATIONAL_FIELDS:
+      continue
+    va, vb = a.get(key), b.get(key)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _config_differences(va, vb, name + ".")
+    elif va != vb:
+      out.append(name)
+  return out
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str,
+                  overwrite: bool = False) -> None:
+  """Makes `workdir` this config's: refuses one that holds another config's run.
+
+  With `overwrite`, the other run is moved aside to
+  `<workdir>.replaced-<time>` (never deleted).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = json.loads(config.to_json_best_effort(sort_keys=True))
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    differences = _config_differences(saved, current)
+    if differences:
+      if not overwrite:
+        shown = ", ".join(differences[:6]) + (
+            f", ... ({len(differences)} in all)" if len(differences) > 6 else "")
+        raise ValueError(
+            f"{workdir} holds a run of a different config (differs in: "
+            f"{shown}); use a new --workdir, or pass --overwrite to move the "
+            "old run aside")
+      aside = f"{workdir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+      os.rename(workdir, aside)
+      print(f"moved the previous run in {workdir} to {aside}", flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
 def _write_results(workdir: str, results: dict) -> None:
+  if jax.process_index() != 0:  # One writer: processes share the workdir.
+    return
   path = os.path.join(workdir, RESULTS_FILE)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -56,10 +182,15 @@ def _write_results(workdir: str, results: dict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        mesh: Optional[train.Mesh] = None) -> dict:
-  """Runs (or continues) every phase of `config.phase_order`; returns results."""
+        mesh: Optional[train.Mesh] = None, overwrite: bool = False) -> dict:
+  """Runs (or continues) every phase of `config.phase_order`; returns results.
+
+  The config is validated first, and `workdir` must be new or hold a run of
+  the same config (see `claim_workdir`).
+  """
   names = phase_names(config)
-  os.makedirs(workdir, exist_ok=True)
+  validate(config)
+  claim_workdir(config, workdir, overwrite=overwrite)
   finished: dict[str, train.PhaseResult] = {}
   results: dict[str, dict] = {}
   previous: Optional[train.PhaseResult] = None
@@ -69,10 +200,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     # Where the phase starts: fresh, the previous phase, or a checkpoint.
     init_variables = None
     if phase_cfg.init_from == "previous":
-      if previous is None:
-        raise ValueError(
-            f"phase {name!r} has init_from='previous' but is the first phase "
-            f"run; set --config.phases.{name}.init_from=<checkpoint dir>")
       init_variables = previous.variables
     elif phase_cfg.init_from:
       init_variables, _ = checkpoint_lib.load_variables(phase_cfg.init_from)
@@ -80,10 +207,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     # Which frozen model it distils from.
     teacher = None
     if phase_cfg.teacher:
-      if phase_cfg.teacher not in finished:
-        raise ValueError(
-            f"phase {name!r} distils from {phase_cfg.teacher!r}, which is not "
-            f"an earlier phase of phase_order {names}; put it first")
       t = finished[phase_cfg.teacher]
       teacher = (t.model, t.variables)
 

@@ -176,7 +176,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "train/top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "train/grad_norm": grad_norm,
         "train/lr": optim.learning_rate(opt_state),
-        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        # Loss, gradients and the updated parameters: a NaN/Inf anywhere
+        # stops the run before that state can be checkpointed.
+        "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                   & jnp.isfinite(optax.tree.norm(params))),
     }
     metrics.update({f"train/{k}": v for k, v in parts.items()})
     new_state = state.replace(step=state.step + 1, params=params,

@@ -92,6 +92,8 @@ def test_step2_starts_from_step1_exactly(finished_run, tmp_path):
   config.phase_order = "step2"
   config.phases.step2.num_epochs = 0
   config.phases.step2.teacher = ""
+  config.phases.step2.loss.kd_weight = 0.0
+  config.phases.step2.loss.ce_weight = 1.0
   config.phases.step2.init_from = os.path.join(workdir, "step1")
   out = phases.run(config, str(tmp_path))
   assert out["step2"]["params_sha256"] == results["step1"]["params_sha256"]
@@ -103,6 +105,8 @@ def test_handoff_rejects_mismatched_variables(finished_run, tmp_path):
   config = config.copy_and_resolve_references()
   config.phase_order = "step2"
   config.phases.step2.teacher = ""
+  config.phases.step2.loss.kd_weight = 0.0
+  config.phases.step2.loss.ce_weight = 1.0
   # The teacher's ResNet variables do not fit the ReActNet student.
   config.phases.step2.init_from = os.path.join(workdir, "teacher")
   with pytest.raises(ValueError, match=r"missing: .*block_1/.*unexpected: "):

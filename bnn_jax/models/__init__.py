@@ -43,7 +43,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def _check_name(name: str) -> None:
+  if name not in MODELS:
+    close = difflib.get_close_matches(name, MODELS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown model {name!r}{hint}; choose one of "
+                     f"{sorted(MODELS)}")
+
+
 def _module_class(name: str) -> type:
+  _check_name(name)
   factory = MODELS[name]
   return factory.func if isinstance(factory, functools.partial) else factory
 
@@ -54,13 +63,28 @@ def model_fields(name: str) -> list[str]:
           if f.name not in ("parent", "name")]
 
 
+def default_attributes(name: str) -> dict[str, Any]:
+  """Model `name`'s configurable attributes with plain-value defaults.
+
+  Leaves out `num_classes` (from the data set), `dtype` and `bn_group_size`
+  (run-wide, `config.model`) and non-literal defaults (initialisers).
+  """
+  factory = MODELS[name] if name in MODELS else None
+  _check_name(name)
+  preset = factory.keywords if isinstance(factory, functools.partial) else {}
+  out = {}
+  for field in dataclasses.fields(_module_class(name)):
+    if field.name in ("parent", "name", "num_classes", "dtype", "bn_group_size"):
+      continue
+    value = preset.get(field.name, field.default)
+    if isinstance(value, (bool, int, float, str, tuple)):
+      out[field.name] = value
+  return out
+
+
 def create(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Module:
   """Builds model `name` with `num_classes` outputs and attribute overrides."""
-  if name not in MODELS:
-    close = difflib.get_close_matches(name, MODELS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"unknown model {name!r}{hint}; choose one of "
-                     f"{sorted(MODELS)}")
+  _check_name(name)
   fields = model_fields(name)
   unknown = sorted(set(overrides) - set(fields))
   if unknown:
