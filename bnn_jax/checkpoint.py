@@ -95,6 +95,24 @@ def save_variables(directory: str, variables: dict, meta: dict,
   mngr.close()
 
 
+def _local_target(state_dir: str) -> Any:
+  """The saved pytree's shapes and dtypes, on this process's first device.
+
+  Restoring without a target recreates the saving run's shardings, which
+  fails where those devices do not exist (a checkpoint written on 8 devices
+  or several hosts, read by a 1-device or 1-host run).
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    metadata = checkpointer.metadata(state_dir).item_metadata
+  finally:
+    checkpointer.close()
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      metadata)
+
+
 def load_variables(directory: str, step: Optional[int] = None
                    ) -> tuple[dict, dict]:
   """Reads ({'params', 'batch_stats'}, meta) from a checkpoint directory.
@@ -118,7 +136,9 @@ def load_variables(directory: str, step: Optional[int] = None
                           "import_torch)")
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(
+            _local_target(os.path.join(directory, str(step), "state"))),
+        meta=ocp.args.JsonRestore()))
     state, meta = restored.state, dict(restored.meta)
     if not isinstance(state, dict) or "params" not in state:
       raise CheckpointError(f"{directory}/{step} holds no 'params'; it is not "

@@ -33,35 +33,52 @@ ends as float32 [H, W, C] = (pixel / 255 - mean) / std, per channel.
 `augment=False` gives the train split the eval preprocessing.
 
 Training batches (`train_iterator`): dict(image=float32 [B, H, W, C],
-label=int32 [B]), infinite. Epoch e of process p gets two seeds from
-(seed, p, e). One shuffles the process's share of the train split (the file
-order too where the shuffle buffer cannot hold the whole split), so every
-epoch is a fresh permutation that holds each example once. The last partial
-batch of an epoch is dropped: every process runs
-`steps_per_epoch = num_train // global_batch_size` steps per epoch. The other
-seeds the augmentation, which uses only stateless random ops: an example's
-randomness is drawn from (that seed, its position in the epoch), for the
-per-batch recipes from (that seed, the position of the batch's first
-example). So the batches are a pure function of (config, seed, process
-count): batch k is the same whatever `start_step` a run resumed from.
-Resuming at step k starts epoch k // steps_per_epoch and skips that epoch's
-first examples before they are augmented.
+label=int32 [B]), infinite. The last partial batch of an epoch is dropped:
+every process runs `steps_per_epoch = num_train // global_batch_size` steps
+per epoch. Epoch e gets two seeds from (seed, shard, e) (shard below). One
+shuffles the examples (the file order too where the shuffle buffer cannot
+hold the whole stream), so every epoch is a fresh permutation that holds
+each example once. The other seeds the augmentation, which uses only
+stateless random ops: an example's randomness is drawn from (that seed, its
+position in the epoch's stream), for the per-batch recipes from (that seed,
+the position of the stream batch's first example), drawn for the whole
+stream batch and sliced. So the batches are a pure function of (config,
+seed, process count), and batch k is the same whatever `start_step` a run
+resumed from. Resuming at step k starts epoch k // steps_per_epoch and skips
+that epoch's first examples before they are augmented.
 
-Shuffle buffer (`shuffle_buffer_size`): by default the whole per-process split
-for cifar10 and digits, which is then decoded once and cached in memory;
-50,000 encoded JPEGs (~5.5 GB) for imagenet2012, whose epochs are then a
-window shuffle of a freshly shuffled file order.
+Multi-process: process p feeds rows [p * B / P, (p + 1) * B / P) of every
+global batch of B examples (P processes; with `sharding`, the rows its
+devices hold, which must be such a block). Two ways to share the data:
+
+* Global order (the whole train split fits the shuffle buffer: cifar10 and
+  digits by default; shard = 0): every process reads the whole split,
+  shuffles it with the same seed, cuts the same global batches and keeps
+  its own rows of each, augmented from the global positions. The global
+  batches are then *independent of the process count*: a 2-process run
+  trains on exactly the batches of a 1-process run.
+* Per-host shards (the split does not fit the buffer: imagenet2012; shard
+  = p): process p reads its part of `tfds.even_splits(train_split, P,
+  drop_remainder=True)` (dropping at most P - 1 examples), shuffles its
+  file order and a window of its examples with its own seed, and cuts
+  B / P-example batches from them. Reading 1/P of the files per host is
+  what scales to ImageNet on a pod; the price is that the global batches
+  depend on the process count (the same data, the same recipe, another
+  order).
+
+Shuffle buffer (`shuffle_buffer_size`): by default (None) the whole train
+split, which is then decoded once and cached in memory on every process
+(cifar10: 50,000 x 3 KiB); 50,000 encoded JPEGs (~5.5 GB) for
+imagenet2012, whose epochs are then a window shuffle of a freshly shuffled
+file order of the host's shard. A buffer that holds the host's shard but
+not the whole split shuffles (and caches) the host's shard whole.
 
 Evaluation batches (`eval_iterator`): dict(image, label, mask=bool [B]),
-finite. Each process reads its part of `tfds.even_splits(split,
-process_count)` (sizes differ by at most one), every example exactly once,
-then pads with filler examples (all-zero image before or after
-normalisation, label 0, mask False) to ceil(ceil(N / process_count) /
-B_local) batches, the same on every process.
+finite. Process p reads part p of `tfds.even_splits(split, P)` (sizes
+differ by at most one), every example exactly once, then pads with filler
+examples (all-zero image before or after normalisation, label 0, mask
+False) to ceil(ceil(N / P) / (B / P)) batches, the same on every process.
 
-Multi-host: the per-process batch is global_batch_size / process_count; the
-train split is shared with `tfds.split_for_jax_process(drop_remainder=True)`
-(dropping at most process_count - 1 examples).
 With `sharding` (e.g. `NamedSharding(mesh, P('data'))`) the per-process
 batches become global `jax.Array`s through
 `jax.make_array_from_process_local_data`; without it they stay numpy arrays.
@@ -188,20 +205,36 @@ def _decode_png(encoded: tf.Tensor, *, native: int,
 
 
 def _pad_crop_train(images: tf.Tensor, size: int, seed: tf.Tensor, *,
-                    pad: int, flip: bool) -> tf.Tensor:
-  """Per example of a batch: zero-pad, random crop back, optional flip."""
+                    pad: int, flip: bool, draws: Optional[int] = None,
+                    offset: tf.Tensor | int = 0) -> tf.Tensor:
+  """Per example of a batch: zero-pad, random crop back, optional flip.
+
+  Args:
+    images: uint8 [B, H, W, C].
+    size: output size.
+    seed: int64 [2], seeds the draws.
+    pad: zero padding on each side (the largest shift).
+    flip: random horizontal flips.
+    draws: random values are drawn for this many examples (None: B) and
+      examples offset..offset + B - 1 of them are used, so a process's rows
+      of a global batch get the augmentation of a 1-process run.
+    offset: int32 scalar, see `draws`.
+  """
   crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
   batch = tf.shape(images)[0]
+  draws = batch if draws is None else draws
   _, height, width, _ = images.shape
-  offsets = tf.random.stateless_uniform([2, batch], crop_seed,
+  offsets = tf.random.stateless_uniform([2, draws], crop_seed,
                                         maxval=2 * pad + 1, dtype=tf.int32)
+  offsets = offsets[:, offset:offset + batch]
   padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
   images = tf.gather(padded, offsets[0][:, None] + tf.range(height), axis=1,
                      batch_dims=1)
   images = tf.gather(images, offsets[1][:, None] + tf.range(width), axis=2,
                      batch_dims=1)
   if flip:
-    mirror = tf.random.stateless_uniform([batch], flip_seed) < 0.5
+    mirror = tf.random.stateless_uniform([draws], flip_seed) < 0.5
+    mirror = mirror[offset:offset + batch]
     images = tf.where(mirror[:, None, None, None],
                       tf.reverse(images, axis=[2]), images)
   return _to_unit_float(images, size)
@@ -215,7 +248,9 @@ class _Recipe:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   decode: Callable[[tf.Tensor], tf.Tensor]
-  train: Callable[[tf.Tensor, int, tf.Tensor], tf.Tensor]
+  # Batched recipes also take keyword arguments `draws` and `offset` (see
+  # `_pad_crop_train`).
+  train: Callable[..., tf.Tensor]
   eval: Callable[[tf.Tensor, int], tf.Tensor]
   batched: bool  # train / eval take batches (cheap ops on small images).
   eval_split: str
@@ -360,12 +395,40 @@ def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
   return steps
 
 
-def _local_batch_size(global_batch_size: int) -> int:
+def _process_slot(global_batch_size: int,
+                  sharding: Optional[jax.sharding.Sharding]
+                  ) -> tuple[int, int]:
+  """(slot, count): this process feeds block `slot` of `count` of each batch.
+
+  A global batch of B examples is cut into `count` = process_count blocks
+  of B / count consecutive rows; this process provides rows
+  [slot * B / count, (slot + 1) * B / count). Without a sharding the slot
+  is `jax.process_index()`; with one it is read from the rows of the batch
+  that this process's devices hold, which must form such a block (they do
+  on a 1-D mesh whose devices are ordered by process, `train.make_mesh`).
+
+  Raises:
+    ValueError: B is not divisible by the process count, or the sharding
+      gives this process rows that are not one block.
+  """
   count = jax.process_count()
   if global_batch_size % count:
     raise ValueError(f"global batch {global_batch_size} is not divisible by "
                      f"the {count} processes.")
-  return global_batch_size // count
+  local = global_batch_size // count
+  if sharding is None:
+    return jax.process_index(), count
+  rows = set()
+  for index in sharding.addressable_devices_indices_map(
+      (global_batch_size,)).values():
+    rows.update(range(*index[0].indices(global_batch_size)))
+  start = min(rows)
+  if start % local or rows != set(range(start, start + local)):
+    raise ValueError(
+        f"process {jax.process_index()}'s devices hold rows {sorted(rows)[:4]}"
+        f"... of the global batch, not one block of {local}; shard the batch "
+        "over a 1-D mesh of devices ordered by process (train.make_mesh).")
+  return start // local, count
 
 
 def _normalise(images: tf.Tensor, recipe: _Recipe) -> tf.Tensor:
@@ -402,10 +465,18 @@ def _read(builder: tfds.core.DatasetBuilder, split: Any, recipe: _Recipe,
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _epoch_seeds(seed: int, epoch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """(shuffle seed, augmentation seed) of one epoch of this process."""
+def _epoch_seeds(seed: int, shard: int,
+                 epoch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """(shuffle seed, augmentation seed) of one epoch of a stream of examples.
+
+  Args:
+    seed: the run's data seed.
+    shard: 0 for the global order shared by all processes, the process's
+      slot for per-host shards.
+    epoch: int64 scalar.
+  """
   key = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, jax.process_index()], tf.int64), epoch)
+      tf.constant([seed, shard], tf.int64), epoch)
   seeds = tf.random.stateless_uniform([2], seed=key, minval=0,
                                       maxval=2**31 - 1, dtype=tf.int64)
   return seeds[0], seeds[1]
@@ -434,28 +505,40 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
   """
   cfg = _complete(dataset_cfg)
   builder = _builder(cfg)
-  steps = steps_per_epoch(_info(cfg, builder), global_batch_size)
-  local_batch = _local_batch_size(global_batch_size)
-  split = tfds.split_for_jax_process(cfg.train_split, drop_remainder=True)
-  num_local = builder.info.splits[split].num_examples
-  buffer_size = min(cfg.shuffle_buffer_size or num_local, num_local)
+  info = _info(cfg, builder)
+  steps = steps_per_epoch(info, global_batch_size)
+  slot, num_slots = _process_slot(global_batch_size, sharding)
+  local_batch = global_batch_size // num_slots
   recipe = _recipe(cfg.name)
   size = _image_size(cfg)
   first_epoch, skip_steps = divmod(start_step, steps)
 
+  # The stream of examples this process reads and shuffles, and how many of
+  # them make one step: the whole split and global batches (global order),
+  # or this process's shard and its own batches (per-host shards).
+  if not cfg.shuffle_buffer_size or cfg.shuffle_buffer_size >= info.num_train:
+    split, shard, stream_batch = cfg.train_split, 0, global_batch_size
+  else:
+    split = tfds.even_splits(cfg.train_split, n=num_slots,
+                             drop_remainder=True)[slot]
+    shard, stream_batch = slot, local_batch
+  stream_size = builder.info.splits[split].num_examples
+  buffer_size = min(cfg.shuffle_buffer_size or stream_size, stream_size)
+
   def epoch_examples(records: tf.data.Dataset,
                      epoch: tf.Tensor) -> tf.data.Dataset:
-    """One epoch, shuffled and cut to whole batches.
+    """One epoch of the stream, shuffled and cut to whole steps.
 
     Args:
       records: (image, label) pairs.
       epoch: int64 scalar.
 
     Returns:
-      (augmentation seed, position in the epoch, (image, label)) triples.
+      (augmentation seed, position in the epoch's stream, (image, label))
+      triples.
     """
-    shuffle_seed, augment_seed = _epoch_seeds(seed, epoch)
-    num_examples = steps * local_batch
+    shuffle_seed, augment_seed = _epoch_seeds(seed, shard, epoch)
+    num_examples = steps * stream_batch
     return tf.data.Dataset.zip(  # zip, not map: cheaper per element.
         tf.data.Dataset.from_tensors(augment_seed).repeat(),
         tf.data.Dataset.range(num_examples),
@@ -463,15 +546,25 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
 
   def preprocess(augment_seed, position, example) -> Batch:
     images, labels = example
-    if cfg.augment:
-      images = recipe.train(images, size, tf.stack([augment_seed, position]))
-    else:
+    if not cfg.augment:
       images = recipe.eval(images, size)
+    elif recipe.batched:
+      # Draw for the whole stream batch, use this process's rows of it.
+      offset = position % stream_batch
+      images = recipe.train(images, size,
+                            tf.stack([augment_seed, position - offset]),
+                            draws=stream_batch,
+                            offset=tf.cast(offset, tf.int32))
+    else:
+      images = recipe.train(images, size, tf.stack([augment_seed, position]))
     return {"image": _normalise(images, recipe), "label": labels}
 
   def to_batches(examples: tf.data.Dataset, skip: int) -> Iterator[Batch]:
     # Skip before augmenting: resuming does not redo the skipped examples.
-    ds = examples.skip(skip * local_batch)
+    ds = examples.skip(skip * stream_batch)
+    if stream_batch != local_batch:  # Keep this process's rows of each step.
+      ds = ds.filter(lambda seed_, position, example_: tf.equal(
+          position % stream_batch // local_batch, slot))
     if recipe.batched:
       ds = ds.batch(local_batch, drop_remainder=True).map(
           lambda seeds, positions, batch: preprocess(seeds[0], positions[0],
@@ -485,9 +578,9 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
     return (_to_global(batch, sharding) for batch in ds.as_numpy_iterator())
 
   def batches() -> Iterator[Batch]:
-    if buffer_size == num_local:
-      # The buffer holds the whole split, so the file order does not matter
-      # and caching the decoded split costs no more memory than the buffer:
+    if buffer_size == stream_size:
+      # The buffer holds the whole stream, so the file order does not matter
+      # and caching the decoded stream costs no more memory than the buffer:
       # one tf.data graph serves every epoch (no per-epoch start-up cost).
       records = _read(builder, split, recipe).cache()
       yield from to_batches(
@@ -497,10 +590,10 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
       # A window shuffle: each epoch also reads the files in a fresh order.
       for epoch in itertools.count(first_epoch):
         epoch_tensor = tf.constant(epoch, tf.int64)
-        shuffle_seed, _ = _epoch_seeds(seed, epoch_tensor)
+        shuffle_seed, _ = _epoch_seeds(seed, shard, epoch_tensor)
         records = _read(builder, split, recipe, int(shuffle_seed))
         yield from to_batches(epoch_examples(records, epoch_tensor),
-                           skip_steps if epoch == first_epoch else 0)
+                              skip_steps if epoch == first_epoch else 0)
 
   return batches()
 
@@ -530,10 +623,10 @@ def eval_iterator(dataset_cfg: ml_collections.ConfigDict, *,
   cfg = _complete(dataset_cfg)
   builder = _builder(cfg)
   split = split or cfg.eval_split
-  local_batch = _local_batch_size(global_batch_size)
+  slot, num_slots = _process_slot(global_batch_size, sharding)
+  local_batch = global_batch_size // num_slots
   num_examples = builder.info.splits[split].num_examples
-  num_batches = math.ceil(
-      math.ceil(num_examples / jax.process_count()) / local_batch)
+  num_batches = math.ceil(math.ceil(num_examples / num_slots) / local_batch)
   recipe = _recipe(cfg.name)
   size = _image_size(cfg)
 
@@ -541,8 +634,7 @@ def eval_iterator(dataset_cfg: ml_collections.ConfigDict, *,
     images = recipe.eval(example["image"], size)
     return {**example, "image": _normalise(images, recipe)}
 
-  host_split = tfds.even_splits(split, n=jax.process_count())[
-      jax.process_index()]
+  host_split = tfds.even_splits(split, n=num_slots)[slot]
   ds = _read(builder, host_split, recipe).map(
       lambda image, label: {"image": image, "label": label, "mask": True})
   if not recipe.batched:
