@@ -11,6 +11,8 @@ A run config:
   phase_order             comma-separated phase names, run in order
   phases.<name>           one phase (below)
   log_every_steps, eval_every_epochs, checkpoint_every_steps, keep_checkpoints
+  dynamics.every          log `bnn_jax.dynamics` metrics every N steps (0 = off);
+                          dynamics.dead_threshold, dynamics.per_layer
 
 A phase config:
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from bnn_jax import dynamics
 from bnn_jax import input_pipeline
 from bnn_jax import losses
 from bnn_jax import models
@@ -53,6 +56,7 @@ def base_config(dataset_name: str) -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
+  config.dynamics = dynamics.default_dynamics_config()
   return config
 
 

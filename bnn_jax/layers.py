@@ -123,8 +123,33 @@ def conv2d_nhwc(x: Array, kernel: Array, strides: int, padding: int) -> Array:
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+# Name of the value BinaryConv sows into the 'intermediates' collection.
+SATURATION_KEY = "input_saturation"
+
+
+def input_saturation(binarize: Callable[[Array], Array],
+                     x: Array) -> tuple[Array, Array]:
+  """(number of saturated inputs, number of inputs) of a binariser at x.
+
+  An input x_i is saturated when the binariser's pseudo-gradient there is
+  exactly 0, i.e. it lies outside the activation STE window (approx_sign:
+  |x_i| >= 1; ste_sign: |x_i| > clip): no gradient flows back through it.
+  Counts are int32 (global over a sharded batch under jit).
+  """
+  _, vjp = jax.vjp(binarize, x)
+  (pseudo_grad,) = vjp(jnp.ones_like(x))
+  return (jnp.sum(pseudo_grad == 0, dtype=jnp.int32),
+          jnp.asarray(x.size, jnp.int32))
+
+
 class BinaryConv(nn.Module):
   """y = conv(B_x(x), B_w(W)), zero padding applied to the binarised input.
+
+  When the 'intermediates' collection is mutable (e.g.
+  `model.apply(..., mutable=['intermediates'])`), a conv with an input
+  binariser sows `input_saturation(B_x, x)` under `SATURATION_KEY`: how many
+  of its binariser's inputs lie outside the STE window (see
+  `bnn_jax.dynamics.saturated_fraction`). Otherwise nothing is computed.
 
   Attributes:
     features: output channels.
@@ -166,8 +191,12 @@ class BinaryConv(nn.Module):
       kernel = binary.get_weight_binarizer(self.kernel_binarizer,
                                            self.zero_to)(kernel)
     if self.input_binarizer is not None:
-      x = binary.get_activation_binarizer(self.input_binarizer,
-                                          self.zero_to)(x)
+      binarize = binary.get_activation_binarizer(self.input_binarizer,
+                                                 self.zero_to)
+      if self.is_mutable_collection("intermediates"):
+        self.sow("intermediates", SATURATION_KEY,
+                 input_saturation(binarize, x))
+      x = binarize(x)
     pad = (k - 1) // 2 if self.padding is None else self.padding
     return conv2d_nhwc(x.astype(self.dtype), kernel.astype(self.dtype),
                        self.strides, pad)
