@@ -382,3 +382,85 @@ def test_import_cli_writes_a_checkpoint_init_from_accepts(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: --out {out} is not empty; pass a new directory")
+
+
+def test_imported_blocks_compute_what_torch_computes(quarter_sd, quarter_vars):
+  """With torch: the reference block and stem, written in torch from SPEC §1-2,
+  loaded strictly with the same state dict, give the imported model's outputs
+  (eval mode, torch.sign, i.e. zero_to=0). Blocks are compared one at a time on
+  the same input: end to end, float rounding flips a few signs and the
+  difference grows through 13 sign layers."""
+  torch = pytest.importorskip("torch")
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from bnn_jax.models.reactnet import ReActNetABlock  # pylint: disable=g-import-not-at-top
+
+  class Shift(nn.Module):  # reference LearnableBias
+    def __init__(self, c):
+      super().__init__()
+      self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x):
+      return x + self.bias
+
+  class BinConv(nn.Module):  # reference HardBinaryConv (forward)
+    def __init__(self, cin, cout, k, stride):
+      super().__init__()
+      self.stride = stride
+      self.weight = nn.Parameter(torch.zeros(cout, cin, k, k))
+
+    def forward(self, x):
+      alpha = self.weight.abs().mean(dim=(1, 2, 3), keepdim=True)
+      return F.conv2d(x, alpha * torch.sign(self.weight), stride=self.stride,
+                      padding=self.weight.shape[-1] // 2)
+
+  class Block(nn.Module):  # reference BasicBlock (ReActNet-A)
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.stride, self.same = stride, cin == cout
+      self.move11, self.move12, self.move13 = Shift(cin), Shift(cin), Shift(cin)
+      self.binary_3x3, self.bn1 = BinConv(cin, cin, 3, stride), nn.BatchNorm2d(cin)
+      self.prelu1, self.move21 = nn.PReLU(cin), Shift(cin)
+      if self.same:
+        self.binary_pw, self.bn2 = BinConv(cin, cin, 1, 1), nn.BatchNorm2d(cin)
+      else:
+        self.binary_pw_down1 = BinConv(cin, cin, 1, 1)
+        self.binary_pw_down2 = BinConv(cin, cin, 1, 1)
+        self.bn2_1, self.bn2_2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cin)
+      self.move22, self.prelu2, self.move23 = Shift(cout), nn.PReLU(cout), Shift(
+          cout)
+
+    def forward(self, x):
+      out1 = self.bn1(self.binary_3x3(torch.sign(self.move11(x))))
+      if self.stride == 2:
+        x = F.avg_pool2d(x, 2, 2)
+      out1 = self.move13(self.prelu1(self.move12(x + out1)))
+      out2 = torch.sign(self.move21(out1))
+      if self.same:
+        out2 = self.bn2(self.binary_pw(out2)) + out1
+      else:
+        out2 = torch.cat([self.bn2_1(self.binary_pw_down1(out2)) + out1,
+                          self.bn2_2(self.binary_pw_down2(out2)) + out1], 1)
+      return self.move23(self.prelu2(self.move22(out2)))
+
+  channels = [c // 4 for c in REACTNET_A_CHANNELS]
+  x = torch.from_numpy(
+      np.random.default_rng(3).normal(size=(2, channels[0], 32, 32)).astype(
+          np.float32))
+  for i in range(1, len(channels)):
+    cin, cout = channels[i - 1], channels[i]
+    stride = 2 if (cin != cout and cout != 64) else 1
+    block = Block(cin, cout, stride).eval()
+    prefix = f"feature.{i}."
+    block.load_state_dict({k[len(prefix):]: torch.from_numpy(v)
+                           for k, v in quarter_sd.items()
+                           if k.startswith(prefix)}, strict=True)
+    with torch.no_grad():
+      want = block(x).numpy().transpose(0, 2, 3, 1)
+    got = ReActNetABlock(out_channels=cout, strides=stride, zero_to=0.0).apply(
+        {"params": quarter_vars["params"][f"block_{i}"],
+         "batch_stats": quarter_vars["batch_stats"][f"block_{i}"]},
+        x.numpy().transpose(0, 2, 3, 1), train=False)
+    np.testing.assert_allclose(got, want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max(), err_msg=str(i))
+    x = torch.from_numpy(want.transpose(0, 3, 1, 2).copy())

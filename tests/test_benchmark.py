@@ -1,0 +1,56 @@
+"""`python -m bnn_jax.benchmark` on a tiny model; its formulas; XLA defaults."""
+
+import json
+import types
+
+import pytest
+
+from bnn_jax import benchmark
+from bnn_jax import xla_defaults
+
+
+def test_benchmark_a_tiny_model():
+  """One real AOT compile and timed steps: step 1 with a teacher (KD)."""
+  r = benchmark.run_benchmark(
+      "reactnet_small", batch=8, input_size=8, phase="step1",
+      teacher_name="resnet_small", steps=3, warmup=1, num_classes=10,
+      input_channels=1)
+  assert (r["model"], r["teacher"], r["phase"], r["batch"]) == (
+      "reactnet_small", "resnet_small", "step1", 8)
+  assert r["device"].startswith("cpu") and r["mfu"] is None
+  assert r["compile_s"] > 0 and r["lower_s"] > 0
+  assert r["step_s_min"] <= r["step_s_median"]
+  assert r["images_per_s"] == pytest.approx(8 / r["step_s_median"])
+  assert r["peak_memory_bytes"] >= r["argument_bytes"] > 0
+  assert r["model_flops_per_step"] > 0 and r["xla_flops_per_step"] > 0
+  line = benchmark.format_line(r)
+  assert line.startswith("reactnet_small step1 + teacher resnet_small batch 8 "
+                         "8x8 float32 on cpu")
+  json.dumps(r)  # the --json output
+
+
+def test_model_flops_and_mfu_table():
+  # 2 FLOPs per MAC; backward = 2 forward passes; the teacher runs forward only.
+  assert benchmark.model_flops_per_step(10, 4, batch=3) == 2 * (30 + 4) * 3
+  assert benchmark.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert benchmark.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 494e12
+  assert benchmark.peak_flops("TPU v4", "float32") == 275e12
+  assert benchmark.peak_flops("some new chip", "bfloat16") is None
+
+
+def test_peak_memory_from_memory_analysis():
+  stats = types.SimpleNamespace(
+      peak_memory_in_bytes=0, argument_size_in_bytes=100,
+      output_size_in_bytes=60, temp_size_in_bytes=30, alias_size_in_bytes=50)
+  assert benchmark.peak_memory_bytes(stats) == 100 + 60 + 30 - 50
+  stats.peak_memory_in_bytes = 123
+  assert benchmark.peak_memory_bytes(stats) == 123
+
+
+def test_xla_defaults_only_when_unset():
+  environ = {}
+  assert xla_defaults.apply(environ) == " ".join(xla_defaults.DEFAULT_XLA_FLAGS)
+  assert environ["XLA_FLAGS"] == " ".join(xla_defaults.DEFAULT_XLA_FLAGS)
+  environ = {"XLA_FLAGS": ""}
+  assert xla_defaults.apply(environ) is None
+  assert environ == {"XLA_FLAGS": ""}
