@@ -4,6 +4,11 @@ Runs the config's phases (see `bnn_jax.phases`), prints per-phase results and
 writes `DIR/results.json`. Any config field can be overridden on the command
 line, e.g. `--config.phases.step1.optimizer.weight_decay=1e-5`.
 
+Several processes (TPU pod hosts, GPU nodes, localhost tests) run the same
+command; `--distributed` and `--coordinator_address/--num_processes/
+--process_id` start JAX's multi-process runtime (`bnn_jax.multihost`,
+launchers in launch/, docs/scaling.md).
+
 Exit status: 0 done; 1 bad input or a failed run (one-line error, `--debug`
 shows the traceback); 143 stopped on SIGTERM/preemption after saving a
 checkpoint (re-run the same command to resume).
@@ -32,6 +37,19 @@ flags.DEFINE_bool("overwrite", False, "If --workdir holds a run of a "
                   "different config, move it aside to <workdir>.replaced-<time> "
                   "and start afresh (without this flag such a workdir is "
                   "refused).")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Call jax.distributed.initialize() (multi-process runs). "
+                  "auto: when --coordinator_address/--num_processes/"
+                  "--process_id are given or srun/mpirun/GKE started several "
+                  "processes; on: always, arguments detected by JAX (Cloud "
+                  "TPU pods); off: never. See docs/scaling.md.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's "
+                    "coordinator service, for manual multi-process launches "
+                    "(e.g. 127.0.0.1:12355 on one machine).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a manual "
+                     "multi-process launch.")
+flags.DEFINE_integer("process_id", None, "This process's index (0 .. "
+                     "num_processes - 1) in a manual multi-process launch.")
 
 EXIT_PREEMPTED = 143
 
@@ -39,6 +57,13 @@ EXIT_PREEMPTED = 143
 def _run(argv) -> int:
   del argv
   import jax  # noqa: F401  (after flags: lets XLA_FLAGS set by launchers apply)
+
+  from bnn_jax import multihost
+  # Before anything touches a device.
+  started = multihost.initialize(FLAGS.distributed, FLAGS.coordinator_address,
+                                 FLAGS.num_processes, FLAGS.process_id)
+  if started:
+    print(f"distributed: {started}", flush=True)
 
   from bnn_jax import phases
   from bnn_jax import train

@@ -76,7 +76,10 @@ if ((processes > 1)); then
 fi
 if [[ -n "$devices" ]]; then
   export JAX_PLATFORMS=cpu
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
+  # Replace any device count already in XLA_FLAGS, keep the other flags.
+  other_flags="$(sed -E 's/(^| )--xla_force_host_platform_device_count=[0-9]+//g
+      s/^ +//' <<<"${XLA_FLAGS:-}")"
+  export XLA_FLAGS="${other_flags:+$other_flags }--xla_force_host_platform_device_count=$devices"
 fi
 
 if ((processes == 1)); then
@@ -88,13 +91,19 @@ if [[ -z "$port" ]]; then
 s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi
 
+prefix_lines() {  # $1: prefix; line by line, unbuffered
+  local line
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    printf '%s%s\n' "$1" "$line"
+  done
+}
+
 pids=()
 for ((i = 0; i < processes; i++)); do
-  prefix="[process $i] "
   "$python" -m bnn_jax.main --coordinator_address="127.0.0.1:$port" \
       --num_processes="$processes" --process_id="$i" "$@" \
-      > >(awk -v p="$prefix" '{print p $0; fflush()}') \
-      2> >(awk -v p="$prefix" '{print p $0; fflush()}' >&2) &
+      > >(prefix_lines "[process $i] ") \
+      2> >(prefix_lines "[process $i] " >&2) &
   pids+=("$!")
 done
 

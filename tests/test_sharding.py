@@ -207,9 +207,9 @@ def _step_outputs(model, tx, loss_cfg, state, batch, devices):
 def test_eight_devices_match_one_device(bn_group_size, optimizer):
   """Global and per-group (4 = the per-device batch) BatchNorm statistics."""
   assert jax.device_count() == 8
-  # ReActNet-A's stem and 3 blocks (both shortcut kinds), at quarter width.
+  # ReActNet-A's stem and 2 blocks (strides 1 and 2), at quarter width.
   model = models.create("reactnet_small", num_classes=10,
-                        channels=(32, 64, 128, 128), width_multiplier=0.25,
+                        channels=(32, 64, 128), width_multiplier=0.25,
                         bn_group_size=bn_group_size)
   opt_cfg = optim.default_optimizer_config()
   opt_cfg.name = optimizer
@@ -289,7 +289,7 @@ def test_group_statistics_are_per_group_of_examples():
 # ---------------------------------------------------------------------------
 def test_eval_on_eight_devices_counts_every_example_once(digits_cfg):
   model = models.create("reactnet_small", num_classes=10,
-                        channels=(32, 64, 128, 128), width_multiplier=0.25)
+                        channels=(32, 64, 128), width_multiplier=0.25)
   variables = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1)),
                          train=False)
   split = "test[:359]"  # Odd: 359 = 5 full batches of 64 + 39.

@@ -1,0 +1,246 @@
+"""Multi-process runs: a real 2-process run on localhost matches 1 process.
+
+`launch/local.sh --processes=2 --devices_per_process=2` starts two
+`python -m bnn_jax.main` processes joined by jax.distributed (gloo CPU
+collectives), 4 devices in all. The same config runs in this process on a
+4-device mesh. Both train a teacher and a distilled binary student on the
+same global batches, so losses, final parameters, BatchNorm statistics and
+evaluation agree; evaluation over an odd-sized split (359 examples: 180 and
+179 per process) counts every example once.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bnn_jax import checkpoint as checkpoint_lib
+from bnn_jax import multihost
+from bnn_jax import phases
+from bnn_jax import train
+from bnn_jax.datasets import digits
+from configs import digits as digits_config
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Shared by both runs: 4 steps per phase of 64 examples (16 per device) and
+# an odd-sized eval split. The two runs reduce over devices in different
+# orders (XLA in one process, gloo across two), so their floats differ in
+# the last bits, and training amplifies that: the teacher trains with plain
+# SGD at a moderate rate (smooth, apart from ReLU kinks); the binary
+# student keeps the digits recipe, whose 1-epoch phase runs at lr 0 (SPEC
+# §3: the last epoch of the linear decay), because sign() turns any weight
+# difference into different activations. Its losses and BatchNorm
+# statistics then depend only on the batches and the teacher.
+_OVERRIDES = {
+    "phase_order": "teacher,step1",
+    "batch_size": 64,
+    "eval_batch_size": 64,
+    "dataset.train_split": "train[:256]",
+    "dataset.eval_split": "test[:359]",
+    "log_every_steps": 1,
+    "phases.teacher.num_epochs": 1,
+    "phases.teacher.optimizer.name": "sgd",
+    "phases.teacher.optimizer.learning_rate": 0.05,
+    "phases.step1.num_epochs": 1,
+    "phases.step1.model.width_multiplier": 0.25,
+}
+_TIMEOUT_S = 300
+
+
+# ---------------------------------------------------------------------------
+# bnn_jax.multihost: when to initialise.
+# ---------------------------------------------------------------------------
+_SLURM = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n[1-2]",
+          "SLURM_NTASKS": "16", "SLURM_PROCID": "3", "SLURM_LOCALID": "3",
+          "SLURM_STEP_NUM_TASKS": "16"}
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({}, None),
+    (_SLURM, "slurm"),
+    ({**_SLURM, "SLURM_STEP_NUM_TASKS": "1"}, None),  # One task.
+    ({k: v for k, v in _SLURM.items() if k != "SLURM_STEP_NUM_TASKS"},
+     None),  # The batch script's own shell, not an srun step.
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1",
+      "OMPI_COMM_WORLD_SIZE": "4"}, "ompi"),
+    ({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "w0"}, None),
+])
+def test_cluster_from_environment(environ, expected):
+  assert multihost.cluster_from_environment(environ) == expected
+
+
+def test_initialize_does_nothing_for_one_process():
+  assert multihost.initialize("auto", environ={}) is None
+  assert multihost.initialize("off", environ=_SLURM) is None
+  assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(mode="off", coordinator_address="h:1"),
+     "--distributed=off contradicts --coordinator_address"),
+    (dict(coordinator_address="127.0.0.1:1"),
+     "needs --num_processes --process_id as well"),
+    (dict(num_processes=2, process_id=0), "needs --coordinator_address"),
+    (dict(coordinator_address="h:1", num_processes=2, process_id=2),
+     r"--process_id=2 must be in 0..1"),
+    (dict(coordinator_address="h:1", num_processes=0, process_id=0),
+     "--num_processes=0 must be >= 1"),
+    (dict(mode="sometimes"), "--distributed='sometimes'"),
+])
+def test_initialize_rejects_bad_arguments(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    multihost.initialize(environ={}, **kwargs)
+  assert not jax.distributed.is_initialized()
+
+
+# ---------------------------------------------------------------------------
+# The real two-process run.
+# ---------------------------------------------------------------------------
+def _config(data_dir):
+  config = digits_config.get_config()
+  config.update_from_flattened_dict(_OVERRIDES)
+  config.dataset.data_dir = data_dir
+  return config
+
+
+def _metrics(workdir):
+  """{(phase, step): every value logged at that step} from metrics.jsonl."""
+  merged = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      merged.setdefault((record["phase"], record["step"]), {}).update(record)
+  return merged
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+  """(one-process workdir, two-process workdir, two-process output)."""
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  digits.prepare(data_dir)  # Once, before the processes read it.
+  one_dir = str(tmp_path_factory.mktemp("one_process"))
+  two_dir = str(tmp_path_factory.mktemp("two_processes"))
+  log_path = os.path.join(two_dir + "_log.txt")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env.update(JAX_DISABLE_MOST_OPTIMIZATIONS="1", TF_CPP_MIN_LOG_LEVEL="3")
+  command = [os.path.join(_REPO, "launch", "local.sh"), "--processes=2",
+             "--devices_per_process=2", "--grace=5",
+             f"--python={sys.executable}", "--",
+             "--config=configs/digits.py", f"--workdir={two_dir}",
+             f"--config.dataset.data_dir={data_dir}"]
+  command += [f"--config.{k}={v}" for k, v in _OVERRIDES.items()]
+  with open(log_path, "w") as log:
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               cwd=_REPO, env=env, start_new_session=True)
+    try:
+      # Meanwhile, the reference: one process, 4 of this process's devices.
+      start = time.monotonic()
+      phases.run(_config(data_dir), one_dir,
+                 mesh=train.make_mesh(jax.devices()[:4]))
+      process.wait(timeout=max(_TIMEOUT_S - (time.monotonic() - start), 1))
+    finally:
+      if process.poll() is None:  # Timed out or the reference failed.
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+  with open(log_path) as f:
+    output = f.read()
+  assert process.returncode == 0, output[-3000:]
+  return one_dir, two_dir, output
+
+
+def test_two_processes_joined_with_two_devices_each(two_runs):
+  _, _, output = two_runs
+  for i in (0, 1):
+    assert (f"[process {i}] distributed: process {i} of 2 (from arguments), "
+            "2 of 4 devices local") in output
+  assert "[process 0] results:" in output and "[process 1] results:" in output
+
+
+def test_two_processes_match_one_process(two_runs):
+  one_dir, two_dir, _ = two_runs
+  with open(os.path.join(one_dir, phases.RESULTS_FILE)) as f:
+    one = json.load(f)
+  with open(os.path.join(two_dir, phases.RESULTS_FILE)) as f:
+    two = json.load(f)
+  assert list(one) == list(two) == ["teacher", "step1"]
+  for phase in one:
+    assert one[phase]["steps"] == two[phase]["steps"] == 4
+    for key in ("top1", "top5"):
+      assert abs(one[phase][key] - two[phase][key]) <= 1 / 359 + 1e-9
+
+  # The same global batches: the same losses, step by step (a different
+  # batch changes the loss by ~10%).
+  one_metrics, two_metrics = _metrics(one_dir), _metrics(two_dir)
+  assert set(one_metrics) == set(two_metrics)
+  steps = [key for key in one_metrics if "train/loss" in one_metrics[key]]
+  assert len(steps) == 8  # 4 steps x 2 phases, logged every step.
+  for key in steps:
+    one_step, two_step = one_metrics[key], two_metrics[key]
+    for name in ("train/loss", "train/kd_loss", "train/lr"):
+      if name in one_step:
+        np.testing.assert_allclose(two_step[name], one_step[name], rtol=1e-4,
+                                   err_msg=f"{name} at {key}")
+    np.testing.assert_allclose(two_step["train/grad_norm"],
+                               one_step["train/grad_norm"], rtol=1e-2)
+  assert one_metrics["teacher", 4]["train/lr"] > 0
+  assert one_metrics["step1", 4]["train/lr"] == 0
+
+  final_one = {}  # The one-process run's final variables.
+  for phase in one:
+    one_vars, one_meta = checkpoint_lib.load_variables(
+        os.path.join(one_dir, phase))
+    two_vars, two_meta = checkpoint_lib.load_variables(
+        os.path.join(two_dir, phase))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),
+                 two_vars["params"], one_vars["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+                 two_vars["batch_stats"], one_vars["batch_stats"])
+    final_one[phase] = one_vars
+    # Evaluation over the odd-sized split: every example exactly once.
+    assert one_meta["last_eval"]["eval/count"] == 359
+    assert two_meta["last_eval"]["eval/count"] == 359
+    np.testing.assert_allclose(two_meta["last_eval"]["eval/loss"],
+                               one_meta["last_eval"]["eval/loss"], rtol=1e-4)
+  # The student's BatchNorm statistics moved from their init (var 1).
+  moved = [float(np.abs(layer["var"] - 1).max()) for layer in
+           jax.tree.leaves(final_one["step1"]["batch_stats"],
+                           is_leaf=lambda x: isinstance(x, dict) and
+                           "var" in x)]
+  assert len(moved) > 10 and min(moved) > 0.1
+
+
+def test_checkpoints_of_two_processes_load_on_one_device(two_runs, tmp_path):
+  """`load_variables` does not need the devices that wrote the checkpoint."""
+  _, two_dir, _ = two_runs
+  phase_dir = os.path.join(two_dir, "teacher")
+  out = tmp_path / "params.npz"
+  script = (
+      "import sys, numpy as np, jax\n"
+      "from bnn_jax import checkpoint\n"
+      "assert jax.device_count() == 1\n"
+      "variables, meta = checkpoint.load_variables(sys.argv[1])\n"
+      "leaves = jax.tree_util.tree_flatten_with_path(variables)[0]\n"
+      "np.savez(sys.argv[2], **{jax.tree_util.keystr(p): v "
+      "for p, v in leaves})\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(
+      [sys.executable, "-c", script,
+       phase_dir, str(out)], capture_output=True, text=True, timeout=120,
+      cwd=_REPO, env={**env, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  variables, _ = checkpoint_lib.load_variables(phase_dir)
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  with np.load(out) as loaded:
+    assert len(loaded.files) == len(leaves)
+    for path, value in leaves:
+      np.testing.assert_array_equal(loaded[jax.tree_util.keystr(path)], value)
