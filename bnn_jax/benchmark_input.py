@@ -161,7 +161,7 @@ def prepare(data_dir: str, num_train: int, num_validation: int):
   return tfds.builder("imagenet2012", data_dir=data_dir)
 
 
-def _file_stats(builder) -> dict:
+def file_stats(builder) -> dict:
   """Mean JPEG bytes and pixels over the first 200 train images."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -237,7 +237,7 @@ def main(argv) -> None:
       "shuffle_buffer_size": FLAGS.shuffle_buffer_size,
       "num_train": FLAGS.num_train,
       "num_validation": FLAGS.num_validation,
-      **_file_stats(builder),
+      **file_stats(builder),
       **measure(FLAGS.data_dir, batch_size=FLAGS.batch_size,
                 image_size=FLAGS.image_size, warmup=FLAGS.warmup,
                 batches=FLAGS.batches, eval_passes=FLAGS.eval_passes,

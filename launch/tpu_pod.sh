@@ -18,6 +18,10 @@ Usage: launch/tpu_pod.sh --tpu=NAME --zone=ZONE [options] -- <bnn_jax.main flags
                     relative to the remote home (default: bnn_jax).
   --setup           (re)create the virtual environment on every worker even
                     if one exists (done automatically where it is missing).
+  --remote_python=P interpreter that creates the environment on the workers
+                    (default: python3); it must be Python >= 3.11 with venv
+                    (e.g. `sudo apt-get install python3.11-venv` and
+                    --remote_python=python3.11 on an Ubuntu 22.04 image).
   --internal-ip     reach the workers by their internal IPs (from a VM in
                     the same VPC).
   -h, --help        this text.
@@ -45,6 +49,7 @@ tpu=""
 zone=""
 project=""
 remote_dir="bnn_jax"
+remote_python="python3"
 setup=0
 gcloud_flags=()
 while (($#)); do
@@ -54,6 +59,7 @@ while (($#)); do
     --project=*) project="${1#*=}" ;;
     --dir=*) remote_dir="${1#*=}" ;;
     --setup) setup=1 ;;
+    --remote_python=*) remote_python="${1#*=}" ;;
     --internal-ip) gcloud_flags+=("--internal-ip") ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -101,7 +107,9 @@ q_dir="$(printf '%q' "$remote_dir")"
 on_all_workers "set -e; mkdir -p $q_dir; tar -xzf bnn_jax_checkout.tar.gz -C $q_dir; rm bnn_jax_checkout.tar.gz"
 
 # 2. The virtual environment: requirements.txt plus JAX's TPU runtime.
-install="python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -r requirements.txt && .venv/bin/pip install -q 'jax[tpu]==$jax_version'"
+q_py="$(printf '%q' "$remote_python")"
+check_python="$q_py -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo \"\$(hostname): $q_py is not Python >= 3.11; pass --remote_python=python3.11\" >&2; exit 1; }"
+install="$check_python; $q_py -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -r requirements.txt && .venv/bin/pip install -q 'jax[tpu]==$jax_version'"
 if ((setup)); then
   on_all_workers "set -e; cd $q_dir; rm -rf .venv; $install"
 else

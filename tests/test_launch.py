@@ -215,6 +215,7 @@ def test_tpu_pod_ships_the_checkout_and_runs_main_on_all_workers(tmp_path):
     assert "--zone=z" in line and "--project=p" in line
     assert "--worker=all" in line
   assert "pip install" in log[2] and "[ -x .venv/bin/python ] ||" in log[2]
+  assert "sys.version_info < (3, 11)" in log[2]
   assert record.read_text().splitlines()[:6] == [
       "-m", "bnn_jax.main", "--distributed=on",
       "--config=configs/adambnn_imagenet.py",
