@@ -9,11 +9,13 @@ Reads each run's `metrics.jsonl` (and `results.json`) and writes to OUT:
                         learning rate against the step
   dynamics.png          the `bnn_jax.dynamics` metrics (flip ratio, C2I, dead
                         and zero-gradient fractions, latent weights outside
-                        the STE window, saturated binariser inputs, Adam's v
-                        for dead and live weights)
+                        the STE window, saturated binariser inputs,
+                        constant binarised input channels, Adam's v for dead
+                        and live weights)
   layers_<metric>.png   per-layer heatmaps (layer x step), one column per run
-  report.md             a results table, the last value of every dynamics
-                        metric per phase, and links to the plots
+  report.md             a results table, every dynamics metric per phase
+                        (its mean over the phase or its last value), and
+                        links to the plots
 
 Steps are counted across phases (phase k starts where phase k-1 ended;
 dotted lines mark the boundaries). Runs given the same label (`--labels`)
@@ -50,9 +52,18 @@ DYNAMICS_PANELS = (
     ("zero_grad_fraction", "weights with zero gradient"),
     ("outside_window", "latent weights with |w| > 1"),
     ("saturated_fraction", "saturated binariser inputs"),
+    ("constant_channel_fraction", "constant binarised input channels"),
     ("adam_v", "Adam v: dead (dashed) vs live"),
 )
-LAYER_METRICS = ("flip_ratio", "c2i", "dead_fraction", "saturated_fraction")
+LAYER_METRICS = ("flip_ratio", "c2i", "dead_fraction", "saturated_fraction",
+                 "constant_channel_fraction")
+# The report's dynamics table: (metric, 'mean' over the phase or its 'end').
+REPORT_METRICS = (
+    ("flip_ratio", "mean"), ("c2i", "end"), ("c2i_phase", "end"),
+    ("dead_fraction", "mean"), ("zero_grad_fraction", "mean"),
+    ("outside_window", "end"), ("saturated_fraction", "mean"),
+    ("constant_channel_fraction", "mean"), ("adam_v_dead", "mean"),
+    ("adam_v_live", "mean"))
 
 
 @dataclasses.dataclass
@@ -112,10 +123,12 @@ def load_run(workdir: str, label: Optional[str] = None,
   Args:
     workdir: a run directory written by `bnn_jax.main`.
     label: the run's name in plots (default: the directory's name).
-    phases: keep only these phases (default: all, in training order).
+    phases: keep only those of these phases the run has (default: all, in
+      training order).
 
   Raises:
     FileNotFoundError: no metrics.jsonl in workdir.
+    ValueError: the run has none of `phases`.
   """
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -140,9 +153,9 @@ def load_run(workdir: str, label: Optional[str] = None,
     order = [p for p in results if p in order] + [p for p in order
                                                   if p not in results]
   if phases:
-    missing = [p for p in phases if p not in order]
-    if missing:
-      raise ValueError(f"{workdir} has no phase(s) {missing}; it has {order}")
+    if not set(phases) & set(order):
+      raise ValueError(f"{workdir} has none of the phases {list(phases)}; "
+                       f"it has {order}")
     order = [p for p in order if p in phases]
   series: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
   for phase in order:
@@ -275,8 +288,8 @@ def plot_dynamics(runs: Sequence[Run], path: str) -> bool:
   """The overall dynamics metrics; False (and no file) if none was logged."""
   groups = _group(runs)
   colors = _colors(groups)
-  fig = figure.Figure(figsize=(15, 6.5))
-  axes = fig.subplots(2, 4).ravel()
+  fig = figure.Figure(figsize=(15, 9.5))
+  axes = fig.subplots(3, 3).ravel()
   drawn = False
   for ax, (name, title) in zip(axes, DYNAMICS_PANELS):
     if name == "adam_v":
@@ -363,9 +376,12 @@ def _fmt(values: Sequence[float]) -> str:
   return f"{mean:.4g} ± {float(np.std(values)):.2g}"
 
 
-def _last(run: Run, phase: str, name: str) -> Optional[float]:
+def _summary(run: Run, phase: str, name: str, how: str) -> Optional[float]:
+  """The phase's last logged value of a metric ('end') or its mean ('mean')."""
   series = run.series.get(phase, {}).get(name)
-  return None if series is None else float(series[1][-1])
+  if series is None:
+    return None
+  return float(series[1][-1] if how == "end" else np.mean(series[1]))
 
 
 def write_report(runs: Sequence[Run], out: str, images: Sequence[str]) -> str:
@@ -387,22 +403,22 @@ def write_report(runs: Sequence[Run], out: str, images: Sequence[str]) -> str:
         lines.append(
             f"| {label} | {phase} | {_fmt([x['top1'] for x in res])} | "
             f"{_fmt([x['best_top1'] for x in res])} | {res[0]['steps']} |")
-  names = ["flip_ratio", "c2i", "c2i_phase", "dead_fraction",
-           "zero_grad_fraction", "outside_window", "saturated_fraction",
-           "adam_v_dead", "adam_v_live"]
   rows = []
   for label, rs in groups.items():
     for phase in phases:
-      vals = [_fmt([_last(r, phase, DYNAMICS_PREFIX + n) for r in rs])
-              for n in names]
+      vals = [_fmt([_summary(r, phase, DYNAMICS_PREFIX + n, how) for r in rs])
+              for n, how in REPORT_METRICS]
       if any(v != "-" for v in vals):
         rows.append(f"| {label} | {phase} | " + " | ".join(vals) + " |")
   if rows:
-    lines += ["", "## Weight dynamics at the last logged step of each phase",
-              "", "(`bnn_jax.dynamics`; flip ratio between consecutive steps;"
-              " Adam v = mean second moment.)", "",
-              "| label | phase | " + " | ".join(names) + " |",
-              "|---|---|" + "---|" * len(names)] + rows
+    lines += ["", "## Weight dynamics per phase", "",
+              "(`bnn_jax.dynamics`.) *mean*: over the phase's logged steps "
+              "(the flip ratio is between consecutive steps, and 0 in a last "
+              "epoch at learning rate 0); *end*: at its last logged step. "
+              "Adam v: mean second moment over dead / live binary weights.",
+              "", "| label | phase | " + " | ".join(
+                  f"{n} ({how})" for n, how in REPORT_METRICS) + " |",
+              "|---|---|" + "---|" * len(REPORT_METRICS)] + rows
   lines += ["", "## Plots", ""]
   for image in images:
     lines += [f"![{image}]({image})", ""]

@@ -28,7 +28,12 @@ all binary weights (or inputs) of the network, so large layers weigh more:
   zero grad    sum_i [g_i == 0] / N
   saturated    sum over binarised inputs x of [B'(x) == 0] / M: binariser
                inputs outside the activation STE window (approx_sign:
-               |x| >= 1), from the forward pass (`layers.input_saturation`)
+               |x| >= 1), from the forward pass
+               (`layers.binarizer_input_stats`)
+  constant     sum over binarised input channels of [one value over the
+               whole batch] / C: the weights reading such a channel are
+               dead, its constant contribution being removed by the
+               BatchNorm after the conv
   Adam v       mean of Adam's second moment v (the raw EMA of g^2, no bias
                correction) over the dead and over the live binary weights:
                Adam's step m / (sqrt(v) + eps) is large for a weight with a
@@ -174,8 +179,11 @@ def dead_mask(grads: Any,
   The threshold is relative to the layer's gradient scale because that scale
   differs by orders of magnitude between layers (measured at init on
   reactnet_small: mean |g| 0.6 in block 1, 0.002 in block 5). Exact zeros
-  (weights outside the STE window; a layer with no gradient at all) are
-  always dead.
+  (weights outside the STE window, output channels that receive no
+  gradient, a layer with no gradient at all) are always dead. Chance sets a
+  floor: if a layer's gradients were Gaussian, P(|g| <= rho E|g|) ~ 2 rho /
+  pi, i.e. 0.064% at the default rho = 1e-3; fractions well above that
+  mean weights whose gradient is systematically small.
   """
   out = {}
   for k, g in binary_kernels(grads).items():
@@ -196,13 +204,34 @@ def zero_grad_fraction(grads: Any) -> LayerMetric:
                             for k, g in binary_kernels(grads).items()})
 
 
+def _binarizer_fractions(intermediates: Any, hit: str,
+                         total: str) -> LayerMetric:
+  """sum hit / sum total of what the binary convs sowed, per conv and overall."""
+  hits, totals = {}, {}
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
+  for keys, calls in flat.items():
+    if keys[-1] != layers.BINARIZER_STATS_KEY:
+      continue
+    layer = "/".join(keys[:-1])
+    for stats in calls:
+      hits[layer] = hits.get(layer, 0.0) + jnp.asarray(stats[hit],
+                                                       jnp.float32)
+      totals[layer] = totals.get(layer, 0.0) + jnp.asarray(stats[total],
+                                                           jnp.float32)
+  if not hits:
+    raise ValueError("no binariser statistics in these intermediates; apply "
+                     "the model with mutable=['intermediates']")
+  return _fractions(hits, totals)
+
+
 def saturated_fraction(intermediates: Any) -> LayerMetric:
   """Fraction of binariser inputs outside the activation STE window.
 
-  Reads what `layers.BinaryConv` sows under `layers.SATURATION_KEY` when the
-  'intermediates' collection is mutable: per conv, (saturated, total)
-  counts of its binariser's inputs, summed over the conv's calls. Per layer
-  (keyed by the conv's module path) and overall: sum saturated / sum total.
+  Reads what `layers.BinaryConv` sows under `layers.BINARIZER_STATS_KEY`
+  when the 'intermediates' collection is mutable: per conv, the number of
+  its binariser's inputs where the pseudo-gradient is 0, summed over the
+  conv's calls. Per layer (keyed by the conv's module path) and overall:
+  sum saturated / sum inputs.
 
   Args:
     intermediates: the 'intermediates' collection of a forward pass.
@@ -211,19 +240,19 @@ def saturated_fraction(intermediates: Any) -> LayerMetric:
     ValueError: nothing was sown (no binarised input, or the collection was
       not mutable).
   """
-  hits, totals = {}, {}
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
-  for keys, calls in flat.items():
-    if keys[-1] != layers.SATURATION_KEY:
-      continue
-    layer = "/".join(keys[:-1])
-    for saturated, total in calls:
-      hits[layer] = hits.get(layer, 0.0) + jnp.asarray(saturated, jnp.float32)
-      totals[layer] = totals.get(layer, 0.0) + jnp.asarray(total, jnp.float32)
-  if not hits:
-    raise ValueError("no binariser saturation in these intermediates; apply "
-                     "the model with mutable=['intermediates']")
-  return _fractions(hits, totals)
+  return _binarizer_fractions(intermediates, "saturated", "inputs")
+
+
+def constant_channel_fraction(intermediates: Any) -> LayerMetric:
+  """Fraction of binarised input channels with one value over the whole batch.
+
+  sum constant channels / sum channels (per conv and overall), from what
+  `layers.BinaryConv` sows (see `layers.binarizer_input_stats`). The
+  weights reading a constant channel get (almost) no gradient: its
+  contribution is the same at every output position and example, and the
+  BatchNorm after the conv subtracts it.
+  """
+  return _binarizer_fractions(intermediates, "constant_channels", "channels")
 
 
 def adam_second_moment(opt_state: Any) -> Optional[dict[str, Array]]:
@@ -272,7 +301,8 @@ def weight_dynamics(params: Any, grads: Any, opt_state: Any,
 
   Names: 'flip_ratio' (vs `previous`, omitted when None), 'c2i' (vs `init`),
   'c2i_phase' (vs `start`), 'outside_window', 'dead_fraction',
-  'zero_grad_fraction', 'saturated_fraction' (when something was sown),
+  'zero_grad_fraction', 'saturated_fraction' and
+  'constant_channel_fraction' (when the binary convs sowed statistics),
   'adam_v_dead' / 'adam_v_live' (with Adam); with `per_layer`, also
   '<metric>/<layer path>' for every layer metric.
 
@@ -298,6 +328,8 @@ def weight_dynamics(params: Any, grads: Any, opt_state: Any,
   metrics["zero_grad_fraction"] = zero_grad_fraction(grads)
   if jax.tree_util.tree_leaves(intermediates):
     metrics["saturated_fraction"] = saturated_fraction(intermediates)
+    metrics["constant_channel_fraction"] = constant_channel_fraction(
+        intermediates)
   out = {}
   for name, values in metrics.items():
     out[name] = values[OVERALL]

@@ -123,23 +123,31 @@ def conv2d_nhwc(x: Array, kernel: Array, strides: int, padding: int) -> Array:
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-# Name of the value BinaryConv sows into the 'intermediates' collection.
-SATURATION_KEY = "input_saturation"
+# Name of the statistics BinaryConv sows into the 'intermediates' collection.
+BINARIZER_STATS_KEY = "binarizer_stats"
 
 
-def input_saturation(binarize: Callable[[Array], Array],
-                     x: Array) -> tuple[Array, Array]:
-  """(number of saturated inputs, number of inputs) of a binariser at x.
+def binarizer_input_stats(binarize: Callable[[Array], Array],
+                          x: Array) -> dict[str, Array]:
+  """Counts describing a binariser's inputs x (NHWC), int32.
 
-  An input x_i is saturated when the binariser's pseudo-gradient there is
-  exactly 0, i.e. it lies outside the activation STE window (approx_sign:
-  |x_i| >= 1; ste_sign: |x_i| > clip): no gradient flows back through it.
-  Counts are int32 (global over a sharded batch under jit).
+  * saturated / inputs: inputs where the binariser's pseudo-gradient is
+    exactly 0, i.e. outside the activation STE window (approx_sign:
+    |x_i| >= 1; ste_sign: |x_i| > clip): no gradient flows back through them.
+  * constant_channels / channels: channels whose binarised value is the same
+    at every position of every example. A constant input adds the same
+    amount to every output of a conv, which the BatchNorm after it removes,
+    so the weights reading such a channel get (almost) no gradient.
+  Under jit the counts are over the global (sharded) batch.
   """
   _, vjp = jax.vjp(binarize, x)
   (pseudo_grad,) = vjp(jnp.ones_like(x))
-  return (jnp.sum(pseudo_grad == 0, dtype=jnp.int32),
-          jnp.asarray(x.size, jnp.int32))
+  xb = binarize(x).reshape(-1, x.shape[-1])
+  constant = jnp.max(xb, axis=0) == jnp.min(xb, axis=0)
+  return {"saturated": jnp.sum(pseudo_grad == 0, dtype=jnp.int32),
+          "inputs": jnp.asarray(x.size, jnp.int32),
+          "constant_channels": jnp.sum(constant, dtype=jnp.int32),
+          "channels": jnp.asarray(x.shape[-1], jnp.int32)}
 
 
 class BinaryConv(nn.Module):
@@ -147,9 +155,10 @@ class BinaryConv(nn.Module):
 
   When the 'intermediates' collection is mutable (e.g.
   `model.apply(..., mutable=['intermediates'])`), a conv with an input
-  binariser sows `input_saturation(B_x, x)` under `SATURATION_KEY`: how many
-  of its binariser's inputs lie outside the STE window (see
-  `bnn_jax.dynamics.saturated_fraction`). Otherwise nothing is computed.
+  binariser sows `binarizer_input_stats(B_x, x)` under `BINARIZER_STATS_KEY`:
+  how many of its binariser's inputs lie outside the STE window and how
+  many channels are constant (see `bnn_jax.dynamics.saturated_fraction`).
+  Otherwise nothing is computed.
 
   Attributes:
     features: output channels.
@@ -194,8 +203,8 @@ class BinaryConv(nn.Module):
       binarize = binary.get_activation_binarizer(self.input_binarizer,
                                                  self.zero_to)
       if self.is_mutable_collection("intermediates"):
-        self.sow("intermediates", SATURATION_KEY,
-                 input_saturation(binarize, x))
+        self.sow("intermediates", BINARIZER_STATS_KEY,
+                 binarizer_input_stats(binarize, x))
       x = binarize(x)
     pad = (k - 1) // 2 if self.padding is None else self.padding
     return conv2d_nhwc(x.astype(self.dtype), kernel.astype(self.dtype),

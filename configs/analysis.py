@@ -7,7 +7,7 @@ fits in about 30 minutes of a shared 2-core CPU; or, with the option
 `cifar10`, configs/cifar10.py unchanged (ResNet-18 teacher, ReActNet-A with a
 stride-1 stem). Both log the weight dynamics every `DYNAMICS_EVERY` steps.
 The experiment configs take a comma-separated option string after the file
-name (`--config=configs/digits_adam_vs_sgd.py:sgd,cifar10`).
+name (`--config configs/digits_adam_vs_sgd.py:sgd,cifar10`).
 """
 
 import ml_collections

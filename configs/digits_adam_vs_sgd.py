@@ -1,6 +1,6 @@
 """Adam vs SGD on the binary network, with weight dynamics (docs/analysis.md (a)).
 
-  python -m bnn_jax.main --config=configs/digits_adam_vs_sgd.py:sgd \
+  python -m bnn_jax.main --config configs/digits_adam_vs_sgd.py:sgd \
       --workdir=/tmp/adam_vs_sgd/sgd_s0 --config.seed=0
   python -m bnn_jax.analyze --workdir=/tmp/adam_vs_sgd/adam_s0 \
       --compare /tmp/adam_vs_sgd/sgd_s0 --out=/tmp/adam_vs_sgd/plots
@@ -15,10 +15,15 @@ Options after the colon, comma-separated:
                          start at the reference init U[0, 0.001).
   cifar10                CIFAR-10 (configs/cifar10.py) instead of digits.
 
-Everything else is the embedded default (configs/digits.py), with
-`config.dynamics.every = 40`. Step 1 is always Adam (the reference).
-docs/analysis.md gives the commands that share one teacher (and one step 1
-per seed) between runs, and the results.
+Everything else is the embedded default (configs/digits.py) with steps 1
+and 2 shortened to 15 epochs and `config.dynamics.every = 40`. Step 1 is
+always Adam (the reference). docs/analysis.md gives the commands that share
+one teacher (and one step 1 per seed) between runs, and the results.
+
+Expected on digits (2-core CPU, 1-2.5 min per run once the teacher exists;
+3 seeds): step-2 top-1 Adam 0.983 +- 0.002, SGD 0.946 +- 0.005; dead binary
+weights (mean over step 2) 0.09% with Adam, 2.2% with SGD. One step from
+scratch (seed 0): Adam 0.953, SGD 0.406.
 """
 
 from configs import analysis

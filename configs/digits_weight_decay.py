@@ -1,6 +1,6 @@
 """Step-1 weight decay against flip-flops and C2I (docs/analysis.md (b)).
 
-  python -m bnn_jax.main --config=configs/digits_weight_decay.py:1e-5 \
+  python -m bnn_jax.main --config configs/digits_weight_decay.py:1e-5 \
       --workdir=/tmp/weight_decay/wd1e-5_s0 --config.seed=0
 
 Options after the colon, comma-separated:
@@ -10,8 +10,13 @@ Options after the colon, comma-separated:
   cifar10    CIFAR-10 (configs/cifar10.py) instead of digits.
 
 Step 2 is unchanged (Adam, no weight decay). The dynamics of step 1 (flip
-ratio, C2I against the initialisation, every 40 steps) and the step-2
-accuracy are what docs/analysis.md compares.
+ratio, C2I against the initialisation, every 40 steps), those of step 2
+(C2I against the step-1 signs it starts from) and the accuracies are what
+docs/analysis.md compares.
+
+Expected on digits (seed 0): mean step-1 flip ratio 1.80e-3 at weight decay
+0, 1.83e-3 at 5e-6, 1.95e-3 at 1e-3, 3.52e-3 at 1e-2; step-2 C2I against
+its start 0.768 at 0, 0.758 at 1e-3, 0.717 at 1e-2.
 """
 
 from configs import analysis

@@ -93,7 +93,7 @@ class _TwoConvs(nn.Module):
 def _inputs():
   a = jnp.array([-1.5, -1.0, -0.5, 0.0, 0.5, 0.99, 1.0, 2.0]).reshape(
       1, 2, 4, 1)
-  b = jnp.array([-0.999, 0.2, 3.0, 0.0]).reshape(1, 2, 2, 1)
+  b = jnp.array([0.999, 0.2, 3.0, 0.0]).reshape(1, 2, 2, 1)  # all >= 0
   return a, b
 
 
@@ -107,6 +107,9 @@ def test_saturated_fraction_from_the_forward_pass():
   sat = dynamics.saturated_fraction(state["intermediates"])
   assert sat == {"binary_a": 0.5, "binary_b": 0.25,
                  dynamics.OVERALL: np.float32(5 / 12)}
+  # b's one channel binarises to +1 everywhere (sign(0) = +1); a's does not.
+  assert dynamics.constant_channel_fraction(state["intermediates"]) == {
+      "binary_a": 0.0, "binary_b": 1.0, dynamics.OVERALL: 0.5}
   # ste_sign (clip 1, inclusive): only |x| > 1 saturates: -1.5, 2 and 3.
   model = _TwoConvs(binarizer="ste_sign")
   _, state = model.apply(variables, a, b, mutable=["intermediates"])
@@ -226,7 +229,8 @@ def test_training_logs_dynamics(dynamics_run):
       ("step1", 5), ("step1", 10), ("step2", 5), ("step2", 10)]
   names = set().union(*logged)
   for metric in ("flip_ratio", "c2i", "c2i_phase", "dead_fraction",
-                 "saturated_fraction", "outside_window", "zero_grad_fraction"):
+                 "saturated_fraction", "constant_channel_fraction",
+                 "outside_window", "zero_grad_fraction"):
     assert f"dynamics/{metric}" in names
     assert f"dynamics/{metric}/block_1/binary_3x3" in names
   assert {"dynamics/adam_v_dead", "dynamics/adam_v_live"} <= names
