@@ -431,7 +431,7 @@ def write_report(runs: Sequence[Run], out: str, images: Sequence[str]) -> str:
 def analyze(workdirs: Sequence[str], out: str,
             labels: Optional[Sequence[str]] = None,
             phases: Optional[Sequence[str]] = None) -> list[str]:
-  """Writes the plots and report.md for `workdirs` into `out`; returns the files."""
+  """Writes the plots and report.md of `workdirs` into `out`; returns paths."""
   if labels and len(labels) != len(workdirs):
     raise ValueError(f"{len(labels)} labels for {len(workdirs)} runs; give "
                      "one label per run (equal labels = seeds of a setting)")

@@ -105,7 +105,7 @@ def layer_name(kernel_path: str) -> str:
 
 
 def binary_signs(params: Any) -> dict[str, Array]:
-  """The binary state of every binary kernel: w >= 0 (True = +1, sign(0) = +1)."""
+  """Binary state of each binary kernel: w >= 0 (True = +1, sign(0) = +1)."""
   return {k: _positive(w) for k, w in binary_kernels(params).items()}
 
 
@@ -194,7 +194,7 @@ def dead_mask(grads: Any,
 
 def dead_fraction(grads: Any,
                   threshold: float = DEFAULT_DEAD_THRESHOLD) -> LayerMetric:
-  """sum_i [|g_i| <= threshold * mean_{j in layer} |g_j|] / N (see `dead_mask`)."""
+  """sum_i [|g_i| <= threshold * mean_{j in layer} |g_j|] / N (`dead_mask`)."""
   return _kernel_fractions(dead_mask(grads, threshold))
 
 
@@ -206,7 +206,7 @@ def zero_grad_fraction(grads: Any) -> LayerMetric:
 
 def _binarizer_fractions(intermediates: Any, hit: str,
                          total: str) -> LayerMetric:
-  """sum hit / sum total of what the binary convs sowed, per conv and overall."""
+  """sum hit / sum total of what the binary convs sowed, per conv and total."""
   hits, totals = {}, {}
   flat = traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
   for keys, calls in flat.items():
@@ -497,7 +497,7 @@ class DynamicsMonitor:
 
   def after_step(self, step: int, state: Any, batch: dict,
                  teacher_variables: Any) -> None:
-    """Logs the metrics at multiples of `every`; keeps the signs one step before."""
+    """Logs the metrics at multiples of `every`; keeps signs one step before."""
     if step % self._every == 0:
       # Signs were kept at step - 1: at the loop's start or below.
       metrics = self._dynamics_step(state, batch, teacher_variables,
@@ -511,7 +511,7 @@ class DynamicsMonitor:
 def _inherited_init(config: ml_collections.ConfigDict, phase_name: str,
                     phase_index: int, workdir: str,
                     current: Mapping[str, Array]) -> Optional[dict]:
-  """The 'init' signs of the phase this one takes its parameters from, if any."""
+  """The 'init' signs of the phase this one takes its parameters from."""
   init_from = config.phases[phase_name].init_from
   if not init_from:
     return None

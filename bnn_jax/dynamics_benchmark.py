@@ -37,7 +37,7 @@ from bnn_jax import optim
 from bnn_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "reactnet_small", "Student model (binary weights).")
+flags.DEFINE_string("model", "reactnet_small", "Student (binary weights).")
 flags.DEFINE_integer("batch", 64, "Global batch size.")
 flags.DEFINE_integer("input_size", 8, "Input height and width.")
 flags.DEFINE_integer("channels", 1, "Input channels.")

@@ -1,4 +1,4 @@
-"""Adam vs SGD on the binary network, with weight dynamics (docs/analysis.md (a)).
+"""Adam vs SGD on the binary network, with weight dynamics (docs/analysis.md).
 
   python -m bnn_jax.main --config configs/digits_adam_vs_sgd.py:sgd \
       --workdir=/tmp/adam_vs_sgd/sgd_s0 --config.seed=0

@@ -1,4 +1,4 @@
-"""Weight-dynamics metrics on hand-made trees with known answers, and the hook."""
+"""Weight-dynamics metrics on hand-made trees with known answers; the hook."""
 
 import json
 import os
@@ -190,7 +190,7 @@ def test_weight_dynamics_names_and_jit():
 # The hook in a short training run, and `analyze` on its output.
 # ---------------------------------------------------------------------------
 def _two_phase_config(data_dir):
-  """step1 (fresh) -> step2 (hand-off), quarter width, CE loss, 11 steps each."""
+  """step1 (fresh) -> step2 (hand-off), quarter width, CE, 11 steps each."""
   from configs import digits as digits_config  # noqa: PLC0415
   config = digits_config.get_config()
   config.dataset.data_dir = data_dir
