@@ -40,6 +40,7 @@ from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bnn_jax import checkpoint as checkpoint_lib
+from bnn_jax import dynamics
 from bnn_jax import input_pipeline
 from bnn_jax import logs
 from bnn_jax import losses
@@ -90,8 +91,14 @@ class PhaseResult:
 # Building blocks.
 # ---------------------------------------------------------------------------
 def make_mesh(devices=None) -> Mesh:
-  """A 1-D `data` mesh over all devices (every process's)."""
+  """A 1-D `data` mesh over all devices (every process's), ordered by process.
+
+  Ordering by process gives each process one contiguous block of every
+  batch sharded `P('data')`, the rows its input pipeline provides (see
+  `input_pipeline.train_iterator`).
+  """
   devices = jax.devices() if devices is None else devices
+  devices = sorted(devices, key=lambda d: d.process_index)  # stable
   return Mesh(np.asarray(devices), ("data",))
 
 
@@ -147,27 +154,41 @@ def check_variables_match(expected: Any, given: Any, what: str) -> None:
     raise ValueError(f"{what} does not match the model: " + "; ".join(problems))
 
 
+def make_loss_fn(model: nn.Module,
+                 loss_cfg: ml_collections.ConfigDict) -> Callable:
+  """The training loss of one batch, the function the train step differentiates.
+
+  Returns loss_fn(params, batch_stats, batch, teacher_logits) ->
+  (loss, (new batch_stats, logits, loss parts)): the model in train mode
+  (BatchNorm on batch statistics, updating the running ones) and
+  `losses.combined_loss`, a mean over the global batch.
+  """
+
+  def loss_fn(params, batch_stats, batch, teacher_logits):
+    logits, mutated = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        batch["image"], train=True, mutable=["batch_stats"])
+    loss, parts = losses.combined_loss(loss_cfg, logits, batch["label"],
+                                       teacher_logits=teacher_logits)
+    return loss, (mutated["batch_stats"], logits, parts)
+
+  return loss_fn
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_cfg: ml_collections.ConfigDict,
                     teacher_model: Optional[nn.Module]) -> Callable:
   """(state, batch, teacher_variables) -> (state, metrics), to be jitted."""
+  loss_fn = make_loss_fn(model, loss_cfg)
 
   def train_step(state: TrainState, batch: dict, teacher_variables: Any):
     teacher_logits = None
     if teacher_model is not None:
       teacher_logits = jax.lax.stop_gradient(
           teacher_model.apply(teacher_variables, batch["image"], train=False))
-
-    def loss_fn(params):
-      logits, mutated = model.apply(
-          {"params": params, "batch_stats": state.batch_stats},
-          batch["image"], train=True, mutable=["batch_stats"])
-      loss, parts = losses.combined_loss(loss_cfg, logits, batch["label"],
-                                         teacher_logits=teacher_logits)
-      return loss, (mutated["batch_stats"], logits, parts)
-
     (loss, (batch_stats, logits, parts)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+        loss_fn, has_aux=True)(state.params, state.batch_stats, batch,
+                               teacher_logits)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -353,6 +374,12 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer,
       every_steps=config.log_every_steps)
+  # Weight dynamics (flip-flops, C2I, dead weights): None unless
+  # config.dynamics.every is set; its own jitted step, run every N steps.
+  dynamics_monitor = dynamics.DynamicsMonitor.create(
+      config, phase_name, phase_index, workdir, model=model,
+      teacher_model=teacher_model, state=state, step=step,
+      replicated=replicated, writer=writer)
 
   def save(state, step):
     ckpt.save(step, state, meta)
@@ -399,6 +426,8 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
       step += 1
       pending.append((step, metrics))
       report_progress(step)
+      if dynamics_monitor is not None:  # --- dynamics hook ---
+        dynamics_monitor.after_step(step, state, batch, teacher_vars)
       end_of_epoch = step % steps_per_epoch == 0
       epoch = step // steps_per_epoch
       if step % config.log_every_steps == 0 or end_of_epoch:
