@@ -98,9 +98,12 @@ def _fail(message: str) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors (unknown config key, bad value, missing file)."""
   debug = "--debug" in argv
-  for arg in argv[1:]:
-    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):
-      _fail(f"config file {arg.split('=', 1)[1]!r} not found; pass one of "
+  for i, arg in enumerate(argv[1:], start=1):
+    # --config=FILE[:ARG] or --config FILE[:ARG]; ARG goes to get_config.
+    path = (arg.split("=", 1)[1] if arg.startswith("--config=") else
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+      _fail(f"config file {path.split(':', 1)[0]!r} not found; pass one of "
             f"configs/*.py, e.g. --config=configs/digits.py")
   try:
     return FLAGS(argv)
