@@ -18,8 +18,13 @@ Measured:
 * compile: `jax.jit(step).lower(...)` and `.compile()` wall times (AOT).
 * step time: the median (and min, mean) of `--steps` steps after `--warmup`
   steps, each timed to `jax.block_until_ready`; images/s = batch / median.
-* memory: `compiled.memory_analysis()`: peak = its `peak_memory_in_bytes`
-  where the backend reports one, else argument + output + temp - alias bytes.
+  Also the process CPU time per step (all threads): on a shared machine it
+  grows less than the wall time when other processes compete for the cores.
+* memory: `compiled.memory_analysis()`: peak = argument + output + temp -
+  alias bytes (XLA:CPU's own `peak_memory_in_bytes` is smaller than its temp
+  allocation, so it is reported apart as `xla_peak_memory_bytes`).
+* host: the process's peak resident memory (`ru_maxrss`; on CPU this is
+  where the step's memory lives, next to the Python runtime and libraries).
 * FLOPs per step: model FLOPs = 2 * 3 * MACs * batch for the student (the
   backward pass costs two forward passes) + 2 * MACs * batch for the teacher,
   MACs = BOPs + FLOPs of `bnn_jax.summary` (binary convs run as real
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -98,10 +104,11 @@ def model_flops_per_step(student_macs: int, teacher_macs: int,
 
 
 def peak_memory_bytes(stats: Any) -> int:
-  """Peak device memory of a compiled executable's `memory_analysis()`."""
-  peak = getattr(stats, "peak_memory_in_bytes", 0)
-  if peak:
-    return int(peak)
+  """argument + output + temp - alias bytes of a `memory_analysis()`.
+
+  What the executable allocates while it runs: its inputs, its outputs less
+  those written into donated inputs, and its scratch (temp) allocation.
+  """
   return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
              + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
@@ -111,15 +118,15 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
                   teacher_name: str = "", steps: int = 10, warmup: int = 2,
                   num_classes: int = 1000, input_channels: int = 3) -> dict:
   """Compiles and times the training step; returns the measurements."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
 
-  from bnn_jax import losses  # pylint: disable=g-import-not-at-top
-  from bnn_jax import models  # pylint: disable=g-import-not-at-top
-  from bnn_jax import optim  # pylint: disable=g-import-not-at-top
-  from bnn_jax import summary  # pylint: disable=g-import-not-at-top
-  from bnn_jax import train  # pylint: disable=g-import-not-at-top
+  from bnn_jax import losses
+  from bnn_jax import models
+  from bnn_jax import optim
+  from bnn_jax import summary
+  from bnn_jax import train
 
   def create(name, **attributes):
     fields = models.model_fields(name)
@@ -174,11 +181,13 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
     state, metrics = compiled(state, batch_data, teacher_vars)
   jax.block_until_ready((state, metrics))
   times = []
+  cpu_start = time.process_time()
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = compiled(state, batch_data, teacher_vars)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
+  cpu_per_step = (time.process_time() - cpu_start) / steps
   if not bool(jax.device_get(metrics["finite"])):
     raise RuntimeError("the benchmarked step produced NaN/Inf")
 
@@ -200,14 +209,18 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
       "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "lower_s": t1 - t0, "compile_s": t2 - t1,
       "step_s_median": median, "step_s_min": min(times),
-      "step_s_mean": statistics.fmean(times), "steps": steps,
+      "step_s_mean": statistics.fmean(times), "cpu_s_per_step": cpu_per_step,
+      "steps": steps,
       "warmup": warmup, "images_per_s": batch / median,
       "peak_memory_bytes": peak_memory_bytes(stats),
+      "xla_peak_memory_bytes": int(getattr(stats, "peak_memory_in_bytes", 0)),
       "temp_bytes": int(stats.temp_size_in_bytes),
       "argument_bytes": int(stats.argument_size_in_bytes),
       "model_flops_per_step": flops,
       "xla_flops_per_step": float(cost.get("flops", 0.0)) if cost else None,
       "mfu": None if peak is None else flops / median / peak,
+      "max_rss_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                        * 1024),
       "load_average": os.getloadavg()[0],
   }
 
@@ -220,8 +233,10 @@ def format_line(r: dict) -> str:
           f"{r['input_size']}x{r['input_size']} {r['dtype']} on {r['device']}:"
           f" compile {r['lower_s']:.1f}+{r['compile_s']:.1f} s | step "
           f"{1e3 * r['step_s_median']:.1f} ms (min "
-          f"{1e3 * r['step_s_min']:.1f}) | {r['images_per_s']:.1f} img/s | "
-          f"peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB{mfu} | "
+          f"{1e3 * r['step_s_min']:.1f}, CPU {1e3 * r['cpu_s_per_step']:.0f})"
+          f" | {r['images_per_s']:.1f} img/s | "
+          f"peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB (process "
+          f"RSS {r['max_rss_bytes'] / 2**20:.0f} MiB){mfu} | "
           f"load {r['load_average']:.2f}")
 
 

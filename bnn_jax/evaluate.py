@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: `python -m bnn_jax.evaluate --config=FILE --checkpoint=DIR`.
+"""Evaluate a checkpoint over a whole evaluation split.
 
   python -m bnn_jax.evaluate --config=configs/digits.py \
       --checkpoint=/tmp/bnn_digits/step2 [--phase=step2] [--json]
@@ -56,14 +56,14 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
     {'phase', 'model', 'checkpoint', 'dataset', 'split', 'top1', 'top5',
      'loss', 'count'}; count is the number of examples evaluated.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from bnn_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from bnn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from bnn_jax import phases  # pylint: disable=g-import-not-at-top
-  from bnn_jax import train  # pylint: disable=g-import-not-at-top
+  from bnn_jax import checkpoint as checkpoint_lib
+  from bnn_jax import input_pipeline
+  from bnn_jax import phases
+  from bnn_jax import train
 
   names = phases.phase_names(config)
   phase = phase or names[-1]

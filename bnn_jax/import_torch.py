@@ -41,9 +41,9 @@ def define_flags() -> None:
 
 def convert(checkpoint: str, model_name: str, out: str,
             num_classes: int | None = None) -> dict:
-  """Converts `checkpoint` for `model_name` and saves it in `out`; returns the meta."""
-  from bnn_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from bnn_jax.interop import torch_import  # pylint: disable=g-import-not-at-top
+  """Converts `checkpoint` for `model_name`, saves it in `out`; returns meta."""
+  from bnn_jax import checkpoint as checkpoint_lib
+  from bnn_jax.interop import torch_import
 
   if os.path.isdir(out) and os.listdir(out):
     raise ValueError(f"--out {out} is not empty; pass a new directory")

@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
 
 
 def test_cli_matches_the_training_evaluation(trained):
-  """Same top-1/top-5 as the phase's own final evaluation, every example once."""
+  """The phase's own final top-1/top-5, over every example once."""
   config, workdir, results = trained
   proc = subprocess.run(
       [sys.executable, "-m", "bnn_jax.evaluate", "--config=configs/digits.py",

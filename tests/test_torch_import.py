@@ -9,14 +9,17 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from bnn_jax import checkpoint as checkpoint_lib
+from bnn_jax import layers
 from bnn_jax import models
 from bnn_jax import train
 from bnn_jax.interop import torch_import
+from bnn_jax.models.reactnet import ReActNetABlock, reactnet_a_strides
 
 REACTNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512,
                        512, 1024, 1024)
@@ -37,7 +40,7 @@ def _w(rng, *shape):
 
 def reactnet_state_dict(num_classes, channels=REACTNET_A_CHANNELS,
                         in_channels=3, seed=0):
-  """The reference `reactnet` state dict (AdamBNN/ReActNet), SPEC §1 and §4."""
+  """The reference `reactnet` state dict (AdamBNN/ReActNet), SPEC §1, §4."""
   rng = np.random.default_rng(seed)
   sd = {"feature.0.conv1.weight": _w(rng, channels[0], in_channels, 3, 3)}
   _bn(sd, "feature.0.bn1", channels[0], rng)
@@ -89,7 +92,7 @@ def resnet_state_dict(num_classes, layers=(2, 2, 2, 2), seed=1):
 
 
 def _reactnet_location(key):
-  """(collection, bnn_jax path, torch -> bnn_jax) of a reference key, by hand."""
+  """(collection, bnn_jax path, torch -> bnn_jax) of a reference key."""
   parts = key.split(".")
   module, leaf = parts[:-1], parts[-1]
   if module[:2] == ["feature", "0"]:
@@ -110,7 +113,7 @@ def _reactnet_location(key):
 
 
 def _resnet_location(key):
-  """(collection, bnn_jax path, torch -> bnn_jax) of a torchvision key, by hand."""
+  """(collection, bnn_jax path, torch -> bnn_jax) of a torchvision key."""
   parts = key.split(".")
   module, leaf = parts[:-1], parts[-1]
   path = []
@@ -138,7 +141,8 @@ def _generic_location(path, leaf):
   if leaf == "weight" and path[-1] == "fc":
     return "params", tuple(path) + ("kernel",), lambda v: v.T
   if leaf == "weight":  # conv: OIHW -> HWIO
-    return "params", tuple(path) + ("kernel",), lambda v: v.transpose(2, 3, 1, 0)
+    return ("params", tuple(path) + ("kernel",),
+            lambda v: v.transpose(2, 3, 1, 0))
   if leaf == "weights":  # HardBinaryConv's flat (N, 1) weights
     return "params", tuple(path) + ("kernel",), None
   return "params", tuple(path) + (leaf,), lambda v: v
@@ -218,7 +222,7 @@ def test_reactnet_every_value_in_its_place(reactnet_sd, reactnet_vars):
                    models.create("reactnet_a", num_classes=10),
                    (1, 64, 64, 3))
   p, s = reactnet_vars["params"], reactnet_sd
-  # Spot checks with explicit indices: HWIO kernel[a, b, i, o] = OIHW w[o, i, a, b].
+  # Spot checks by index: HWIO kernel[a, b, i, o] = OIHW w[o, i, a, b].
   assert p["block_3"]["binary_3x3"]["kernel"][1, 2, 5, 7] == (
       s["feature.3.binary_3x3.weight"][7, 5, 1, 2])
   assert p["stem_conv"]["kernel"][0, 2, 1, 30] == (
@@ -228,7 +232,8 @@ def test_reactnet_every_value_in_its_place(reactnet_sd, reactnet_vars):
   assert p["fc"]["kernel"][100, 3] == s["fc.weight"][3, 100]
   assert p["block_7"]["rprelu2"]["shift_out"][17] == (
       s["feature.7.move23.bias"][0, 17, 0, 0])
-  assert p["block_7"]["rprelu1"]["slope"][17] == s["feature.7.prelu1.weight"][17]
+  assert p["block_7"]["rprelu1"]["slope"][17] == (
+      s["feature.7.prelu1.weight"][17])
   assert reactnet_vars["batch_stats"]["block_1"]["bn2_2"]["var"][4] == (
       s["feature.1.bn2_2.running_var"][4])
 
@@ -384,83 +389,45 @@ def test_import_cli_writes_a_checkpoint_init_from_accepts(tmp_path):
       f"error: --out {out} is not empty; pass a new directory")
 
 
-def test_imported_blocks_compute_what_torch_computes(quarter_sd, quarter_vars):
-  """With torch: the reference block and stem, written in torch from SPEC §1-2,
-  loaded strictly with the same state dict, give the imported model's outputs
-  (eval mode, torch.sign, i.e. zero_to=0). Blocks are compared one at a time on
-  the same input: end to end, float rounding flips a few signs and the
-  difference grows through 13 sign layers."""
+def test_imported_model_computes_what_torch_computes(quarter_sd, quarter_vars):
+  """With torch: the reference ReActNet-A in torch (`torch_reference`), loaded
+  strictly with the same state dict, gives the imported model's stem, block
+  and classifier outputs (eval mode, torch.sign, i.e. zero_to=0). Each part is
+  fed torch's input to it: end to end, float rounding flips a few signs and
+  the difference grows through 13 sign layers."""
   torch = pytest.importorskip("torch")
-  from torch import nn  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from bnn_jax.models.reactnet import ReActNetABlock  # pylint: disable=g-import-not-at-top
-
-  class Shift(nn.Module):  # reference LearnableBias
-    def __init__(self, c):
-      super().__init__()
-      self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
-
-    def forward(self, x):
-      return x + self.bias
-
-  class BinConv(nn.Module):  # reference HardBinaryConv (forward)
-    def __init__(self, cin, cout, k, stride):
-      super().__init__()
-      self.stride = stride
-      self.weight = nn.Parameter(torch.zeros(cout, cin, k, k))
-
-    def forward(self, x):
-      alpha = self.weight.abs().mean(dim=(1, 2, 3), keepdim=True)
-      return F.conv2d(x, alpha * torch.sign(self.weight), stride=self.stride,
-                      padding=self.weight.shape[-1] // 2)
-
-  class Block(nn.Module):  # reference BasicBlock (ReActNet-A)
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.stride, self.same = stride, cin == cout
-      self.move11, self.move12, self.move13 = Shift(cin), Shift(cin), Shift(cin)
-      self.binary_3x3, self.bn1 = BinConv(cin, cin, 3, stride), nn.BatchNorm2d(cin)
-      self.prelu1, self.move21 = nn.PReLU(cin), Shift(cin)
-      if self.same:
-        self.binary_pw, self.bn2 = BinConv(cin, cin, 1, 1), nn.BatchNorm2d(cin)
-      else:
-        self.binary_pw_down1 = BinConv(cin, cin, 1, 1)
-        self.binary_pw_down2 = BinConv(cin, cin, 1, 1)
-        self.bn2_1, self.bn2_2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cin)
-      self.move22, self.prelu2, self.move23 = Shift(cout), nn.PReLU(cout), Shift(
-          cout)
-
-    def forward(self, x):
-      out1 = self.bn1(self.binary_3x3(torch.sign(self.move11(x))))
-      if self.stride == 2:
-        x = F.avg_pool2d(x, 2, 2)
-      out1 = self.move13(self.prelu1(self.move12(x + out1)))
-      out2 = torch.sign(self.move21(out1))
-      if self.same:
-        out2 = self.bn2(self.binary_pw(out2)) + out1
-      else:
-        out2 = torch.cat([self.bn2_1(self.binary_pw_down1(out2)) + out1,
-                          self.bn2_2(self.binary_pw_down2(out2)) + out1], 1)
-      return self.move23(self.prelu2(self.move22(out2)))
+  from bnn_jax.interop import torch_reference
 
   channels = [c // 4 for c in REACTNET_A_CHANNELS]
-  x = torch.from_numpy(
-      np.random.default_rng(3).normal(size=(2, channels[0], 32, 32)).astype(
-          np.float32))
-  for i in range(1, len(channels)):
-    cin, cout = channels[i - 1], channels[i]
-    stride = 2 if (cin != cout and cout != 64) else 1
-    block = Block(cin, cout, stride).eval()
-    prefix = f"feature.{i}."
-    block.load_state_dict({k[len(prefix):]: torch.from_numpy(v)
-                           for k, v in quarter_sd.items()
-                           if k.startswith(prefix)}, strict=True)
-    with torch.no_grad():
-      want = block(x).numpy().transpose(0, 2, 3, 1)
-    got = ReActNetABlock(out_channels=cout, strides=stride, zero_to=0.0).apply(
-        {"params": quarter_vars["params"][f"block_{i}"],
-         "batch_stats": quarter_vars["batch_stats"][f"block_{i}"]},
-        x.numpy().transpose(0, 2, 3, 1), train=False)
-    np.testing.assert_allclose(got, want, rtol=1e-5,
-                               atol=1e-5 * np.abs(want).max(), err_msg=str(i))
-    x = torch.from_numpy(want.transpose(0, 3, 1, 2).copy())
+  strides = reactnet_a_strides(REACTNET_A_CHANNELS)  # width scaling keeps them
+  net = torch_reference.ReActNet(10, channels, strides=strides).eval()
+  net.load_state_dict({k: torch.from_numpy(v) for k, v in quarter_sd.items()},
+                      strict=True)
+  p, s = quarter_vars["params"], quarter_vars["batch_stats"]
+  x = torch.from_numpy(np.random.default_rng(3).normal(
+      size=(2, 3, 64, 64)).astype(np.float32))
+  with torch.no_grad():
+    features = [x]
+    for module in net.feature:
+      features.append(module(features[-1]))
+    logits = net(x).numpy()
+  nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)
+
+  def check(got, want, what):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max(), err_msg=what)
+
+  stem = layers.BinaryConv(channels[0], 3, 2, input_binarizer=None,
+                           kernel_binarizer=None).apply(
+                               {"params": p["stem_conv"]}, nhwc(x))
+  stem = layers.BatchNorm().apply(
+      {"params": p["stem_bn"], "batch_stats": s["stem_bn"]}, stem, train=False)
+  check(stem, nhwc(features[1]), "stem")
+  for i, stride in enumerate(strides, start=1):
+    got = ReActNetABlock(channels[i], stride, zero_to=0.0).apply(
+        {"params": p[f"block_{i}"], "batch_stats": s[f"block_{i}"]},
+        nhwc(features[i]), train=False)
+    check(got, nhwc(features[i + 1]), f"block {i}")
+  got = nn.Dense(10).apply({"params": p["fc"]},
+                           nhwc(features[-1]).mean(axis=(1, 2)))
+  check(got, logits, "fc")

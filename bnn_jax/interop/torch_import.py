@@ -15,17 +15,18 @@ Two layouts, chosen by the model's class:
 
 Tensors (torch -> bnn_jax; the exporter applies the inverse):
 
-  conv weight (O, I, kh, kw), OIHW      -> kernel (kh, kw, I, O), HWIO:
-                                           kernel[a, b, i, o] = weight[o, i, a, b]
+  conv weight (O, I, kh, kw), OIHW     -> kernel (kh, kw, I, O), HWIO:
+                                          k[a, b, i, o] = weight[o, i, a, b]
   HardBinaryConv `weights` (O*I*kh*kw, 1) (ReActNet step-2 files)
-                                        -> reshaped to (O, I, kh, kw), then as above
-  LearnableBias `bias` (1, C, 1, 1)     -> Shift / RPReLU shift (C,)
-  PReLU `weight` (C,)                   -> RPReLU slope (C,)
-  BatchNorm weight, bias                -> params scale, bias
-  BatchNorm running_mean, running_var   -> batch_stats mean, var
-  BatchNorm num_batches_tracked         -> nothing (a step counter, no model
-                                           state; optional on import)
-  Linear weight (classes, F), bias      -> Dense kernel (F, classes) = weight^T, bias
+                                       -> reshaped to (O, I, kh, kw), as above
+  LearnableBias `bias` (1, C, 1, 1)    -> Shift / RPReLU shift (C,)
+  PReLU `weight` (C,)                  -> RPReLU slope (C,)
+  BatchNorm weight, bias               -> params scale, bias
+  BatchNorm running_mean, running_var  -> batch_stats mean, var
+  BatchNorm num_batches_tracked        -> nothing (a step counter, no model
+                                          state; optional on import)
+  Linear weight (classes, F), bias     -> Dense kernel (F, classes) = weight^T,
+                                          bias
 
 Matching is strict: every tensor the model needs must be present with its
 exact shape and every key of the file must be used (`num_batches_tracked`
@@ -125,7 +126,7 @@ def _torch_module_reactnet_a(module: Path, leaf: str) -> tuple[str, str]:
 
 
 def _torch_module_resnet(module: Path, leaf: str) -> tuple[str, str]:
-  """(torch module, tensor name) of a torchvision ResNet's leaf `module/leaf`."""
+  """(torch module, tensor name) of torchvision ResNet's leaf `module/leaf`."""
   del leaf
   renames = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
   parts = []
@@ -227,7 +228,7 @@ class TorchTensor:
 
 
 def tensor_layout(model_name: str, variables: Any) -> list[TorchTensor]:
-  """The torch tensors of `variables` (a tree of arrays or shapes) of `model_name`.
+  """The torch tensors of `model_name`'s `variables` (arrays or shapes).
 
   Lists the model's tensors in the variables' order; BatchNorm's
   `num_batches_tracked` is not among them (see `bn_modules`).
@@ -270,7 +271,7 @@ def _is_hard_binary_conv(tensor: TorchTensor) -> bool:
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-  """A numpy array from a numpy/jax array or a torch tensor (bfloat16 -> float32)."""
+  """A numpy array from a numpy/jax array or a torch tensor (bf16 -> f32)."""
   if hasattr(value, "detach"):  # a torch tensor
     value = value.detach().cpu()
     if str(value.dtype) == "torch.bfloat16":
@@ -305,11 +306,11 @@ def normalize_state_dict(obj: Mapping[str, Any]) -> tuple[StateDict, dict]:
 
 def _import_torch():
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
   except ImportError:
-    raise ImportError(f"reading a PyTorch checkpoint needs torch ({TORCH_INSTALL});"
-                      " or save its state dict as .npz with numpy where torch "
-                      "is installed") from None
+    raise ImportError(f"reading a PyTorch checkpoint needs torch "
+                      f"({TORCH_INSTALL}); or save its state dict as .npz "
+                      "with numpy where torch is installed") from None
   return torch
 
 
@@ -347,7 +348,7 @@ def abstract_variables(model_name: str, input_channels: int = 3,
 
 def from_state_dict(state_dict: Mapping[str, Any], model_name: str,
                     **model_kwargs: Any) -> dict:
-  """bnn_jax variables {'params', 'batch_stats'} (numpy) from a torch state dict.
+  """bnn_jax variables {'params', 'batch_stats'} (numpy) of a torch state dict.
 
   Args:
     state_dict: torch key -> array (the `module.` prefix and the
