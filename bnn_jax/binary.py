@@ -75,27 +75,38 @@ def _sign_bwd(zero_to, _, g):
 sign.defvjp(_sign_fwd, _sign_bwd)
 
 
+def _sign_with_pseudo_gradient(pseudo_grad):
+  """f(x, param, zero_to): forward sign(x), backward g * pseudo_grad(x, param).
+
+  `param` (a clip, a beta or None) and `zero_to` are static Python values.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+  def f(x, param, zero_to):
+    del param
+    return _sign_forward(x, zero_to)
+
+  def fwd(x, param, zero_to):
+    return f(x, param, zero_to), x
+
+  def bwd(param, zero_to, x, g):
+    del zero_to
+    return (g * pseudo_grad(x, param).astype(g.dtype),)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
 # ---------------------------------------------------------------------------
 # ste_sign: clipped straight-through estimator.
 # ---------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _ste_sign(x, clip, zero_to):
-  return _sign_forward(x, zero_to)
-
-
-def _ste_sign_fwd(x, clip, zero_to):
-  return _sign_forward(x, zero_to), x
-
-
-def _ste_sign_bwd(clip, zero_to, x, g):
-  del zero_to
+def _ste_grad(x, clip):
   if clip is None:
-    return (g,)
-  inside = jnp.abs(x) <= jnp.asarray(clip, x.dtype)
-  return (jnp.where(inside, g, jnp.zeros_like(g)),)
+    return jnp.ones_like(x)
+  return (jnp.abs(x) <= jnp.asarray(clip, x.dtype)).astype(x.dtype)
 
 
-_ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
+_ste_sign = _sign_with_pseudo_gradient(_ste_grad)
 
 
 def ste_sign(x: jax.Array, clip: Optional[float] = 1.0,
@@ -112,25 +123,15 @@ def ste_sign(x: jax.Array, clip: Optional[float] = 1.0,
 # ---------------------------------------------------------------------------
 # approx_sign: the reference activation (Bi-Real "ApproxSign").
 # ---------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _approx_sign(x, zero_to):
-  return _sign_forward(x, zero_to)
-
-
-def _approx_sign_fwd(x, zero_to):
-  return _sign_forward(x, zero_to), x
-
-
-def _approx_sign_bwd(zero_to, x, g):
-  del zero_to
+def _approx_grad(x, unused):
+  del unused
   two = jnp.asarray(2, x.dtype)
-  grad = jnp.where((x >= -1) & (x < 0), two + two * x,
+  return jnp.where((x >= -1) & (x < 0), two + two * x,
                    jnp.where((x >= 0) & (x < 1), two - two * x,
                              jnp.zeros_like(x)))
-  return (g * grad.astype(g.dtype),)
 
 
-_approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
+_approx_sign = _sign_with_pseudo_gradient(_approx_grad)
 
 
 def approx_sign(x: jax.Array, zero_to: float = 1.0) -> jax.Array:
@@ -143,30 +144,18 @@ def approx_sign(x: jax.Array, zero_to: float = 1.0) -> jax.Array:
   This is the derivative of the piecewise quadratic
   F(x) = -1 (x < -1); 2x + x^2 (-1 <= x < 0); 2x - x^2 (0 <= x < 1); 1 (x >= 1).
   """
-  return _approx_sign(x, float(zero_to))
+  return _approx_sign(x, None, float(zero_to))
 
 
 # ---------------------------------------------------------------------------
 # swish_sign: Darabi et al. 2018 ("BNN+"), as in Larq.
 # ---------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _swish_sign(x, beta, zero_to):
-  return _sign_forward(x, zero_to)
+def _swish_grad(x, beta):
+  bx = beta * x.astype(jnp.float32)
+  return beta * (2.0 - bx * jnp.tanh(bx / 2.0)) / (1.0 + jnp.cosh(bx))
 
 
-def _swish_sign_fwd(x, beta, zero_to):
-  return _sign_forward(x, zero_to), x
-
-
-def _swish_sign_bwd(beta, zero_to, x, g):
-  del zero_to
-  xf = x.astype(jnp.float32)
-  bx = beta * xf
-  grad = beta * (2.0 - bx * jnp.tanh(bx / 2.0)) / (1.0 + jnp.cosh(bx))
-  return (g * grad.astype(g.dtype),)
-
-
-_swish_sign.defvjp(_swish_sign_fwd, _swish_sign_bwd)
+_swish_sign = _sign_with_pseudo_gradient(_swish_grad)
 
 
 def swish_sign(x: jax.Array, beta: float = 5.0,
@@ -230,21 +219,8 @@ def scaled_sign_weights(w: jax.Array, zero_to: float = 1.0) -> jax.Array:
   return _scaled_sign_weights(w, float(zero_to))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _sign_weights(w, zero_to):
-  return _sign_forward(w, zero_to)
-
-
-def _sign_weights_fwd(w, zero_to):
-  return _sign_forward(w, zero_to), w
-
-
-def _sign_weights_bwd(zero_to, w, g):
-  del zero_to
-  return (_clamp_ste_bwd(w, g),)
-
-
-_sign_weights.defvjp(_sign_weights_fwd, _sign_weights_bwd)
+_sign_weights = _sign_with_pseudo_gradient(
+    lambda w, unused: ((w >= -1) & (w <= 1)).astype(w.dtype))
 
 
 def sign_weights(w: jax.Array, zero_to: float = 1.0) -> jax.Array:
@@ -253,7 +229,7 @@ def sign_weights(w: jax.Array, zero_to: float = 1.0) -> jax.Array:
   forward:  sign(w), sign(0) = `zero_to`.
   gradient: d/dw = 1 if -1 <= w <= 1 (inclusive) else 0.
   """
-  return _sign_weights(w, float(zero_to))
+  return _sign_weights(w, None, float(zero_to))
 
 
 # ---------------------------------------------------------------------------
