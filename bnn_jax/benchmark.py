@@ -51,6 +51,7 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 
+from bnn_jax import malloc_defaults
 from bnn_jax import xla_defaults
 
 FLAGS = flags.FLAGS
@@ -182,12 +183,15 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
   jax.block_until_ready((state, metrics))
   times = []
   cpu_start = time.process_time()
+  faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = compiled(state, batch_data, teacher_vars)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   cpu_per_step = (time.process_time() - cpu_start) / steps
+  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                     - faults_start) / steps
   if not bool(jax.device_get(metrics["finite"])):
     raise RuntimeError("the benchmarked step produced NaN/Inf")
 
@@ -207,10 +211,12 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
       "device": f"{device.platform}:{device.device_kind}",
       "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
       "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "mallopt": list(malloc_defaults.applied),
       "lower_s": t1 - t0, "compile_s": t2 - t1,
       "step_s_median": median, "step_s_min": min(times),
-      "step_s_mean": statistics.fmean(times), "cpu_s_per_step": cpu_per_step,
-      "steps": steps,
+      "step_s_mean": statistics.fmean(times), "step_s": times,
+      "cpu_s_per_step": cpu_per_step,
+      "minor_page_faults_per_step": faults_per_step, "steps": steps,
       "warmup": warmup, "images_per_s": batch / median,
       "peak_memory_bytes": peak_memory_bytes(stats),
       "xla_peak_memory_bytes": int(getattr(stats, "peak_memory_in_bytes", 0)),
@@ -255,5 +261,6 @@ if __name__ == "__main__":
   # Before TensorFlow / JAX are imported (lazily, in the functions above).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   xla_defaults.apply()
+  malloc_defaults.apply()
   define_flags()
   app.run(main)

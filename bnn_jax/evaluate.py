@@ -32,6 +32,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from bnn_jax import malloc_defaults
 from bnn_jax import xla_defaults
 
 FLAGS = flags.FLAGS
@@ -124,5 +125,6 @@ if __name__ == "__main__":
   # Before TensorFlow / JAX are imported (lazily, in the functions above).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   xla_defaults.apply()
+  malloc_defaults.apply()
   define_flags()
   app.run(main)

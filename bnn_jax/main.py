@@ -19,12 +19,16 @@ from __future__ import annotations
 import os
 import sys
 
+from bnn_jax import malloc_defaults
 from bnn_jax import xla_defaults
 
-# Before TensorFlow / JAX are imported (config files import them): keep TF
-# quiet, and use the measured-faster XLA:CPU conv path unless XLA_FLAGS is set.
+# Before TensorFlow / JAX are imported (config files import them) and before
+# any thread starts: keep TF quiet, use the measured-faster XLA:CPU conv path
+# unless XLA_FLAGS is set, and on a CPU-only host keep XLA's step buffers
+# mapped between steps (malloc_defaults).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 xla_defaults.apply()
+malloc_defaults.apply()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
