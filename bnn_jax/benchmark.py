@@ -36,6 +36,12 @@ Measured:
 XLA flags: unless `XLA_FLAGS` is already set, the defaults of
 `bnn_jax.xla_defaults` are applied before JAX is imported (printed in the
 result), so the benchmark measures what training runs.
+
+Malloc: `--cpu_malloc=reuse` (the default, as in the ReActNet-A configs)
+keeps XLA:CPU's step buffers mapped between steps (`bnn_jax.malloc_defaults`;
+what it set is reported as `mallopt`); `--cpu_malloc=glibc` measures glibc's
+defaults (the digits configs' setting). `minor_page_faults_per_step` shows
+the difference.
 """
 
 from __future__ import annotations
@@ -72,6 +78,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 2, "Untimed steps before timing.")
   flags.DEFINE_integer("num_classes", 1000, "Classes of student and teacher.")
   flags.DEFINE_integer("input_channels", 3, "Input channels.")
+  flags.DEFINE_enum("cpu_malloc", "reuse", ["reuse", "glibc"],
+                    "On a CPU-only host: 'reuse' keeps XLA's step buffers "
+                    "mapped between steps (bnn_jax.malloc_defaults), "
+                    "'glibc' measures glibc's malloc defaults.")
   flags.DEFINE_bool("json", False, "Print the result as one JSON object.")
 
 
@@ -248,6 +258,8 @@ def format_line(r: dict) -> str:
 
 def main(argv):
   del argv
+  # Before JAX's backend starts its threads.
+  malloc_defaults.apply(FLAGS.cpu_malloc)
   result = run_benchmark(
       FLAGS.model, FLAGS.batch, FLAGS.input_size, phase=FLAGS.phase,
       dtype=FLAGS.dtype, teacher_name=FLAGS.teacher, steps=FLAGS.steps,
@@ -261,6 +273,5 @@ if __name__ == "__main__":
   # Before TensorFlow / JAX are imported (lazily, in the functions above).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   xla_defaults.apply()
-  malloc_defaults.apply()
   define_flags()
   app.run(main)

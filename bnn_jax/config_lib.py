@@ -13,6 +13,14 @@ A run config:
   log_every_steps, eval_every_epochs, checkpoint_every_steps, keep_checkpoints
   dynamics.every          log `bnn_jax.dynamics` metrics every N steps (0 = off);
                           dynamics.dead_threshold, dynamics.per_layer
+  cpu_malloc              'glibc' (default) or 'reuse': on a CPU-only host,
+                          keep XLA's per-step buffers mapped between steps
+                          (`bnn_jax.malloc_defaults`; faster for models whose
+                          step buffers exceed 64 MiB, e.g. ReActNet-A).
+                          Applied by `bnn_jax.main` / `bnn_jax.evaluate`
+                          before JAX starts; elsewhere call
+                          `malloc_defaults.apply(config.cpu_malloc)` before
+                          the first JAX computation
 
 A phase config:
 
@@ -57,6 +65,7 @@ def base_config(dataset_name: str) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
   config.dynamics = dynamics.default_dynamics_config()
+  config.cpu_malloc = "glibc"
   return config
 
 

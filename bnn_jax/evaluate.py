@@ -111,6 +111,8 @@ def main(argv):
   try:
     if FLAGS.config is None or FLAGS.checkpoint is None:
       raise ValueError("pass --config=configs/<name>.py and --checkpoint=<dir>")
+    # Before JAX's backend starts its threads (config.cpu_malloc).
+    malloc_defaults.apply(FLAGS.config.cpu_malloc)
     result = run_evaluation(FLAGS.config, FLAGS.checkpoint, FLAGS.phase)
   except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
     if FLAGS.debug:
@@ -125,6 +127,5 @@ if __name__ == "__main__":
   # Before TensorFlow / JAX are imported (lazily, in the functions above).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   xla_defaults.apply()
-  malloc_defaults.apply()
   define_flags()
   app.run(main)

@@ -22,13 +22,10 @@ import sys
 from bnn_jax import malloc_defaults
 from bnn_jax import xla_defaults
 
-# Before TensorFlow / JAX are imported (config files import them) and before
-# any thread starts: keep TF quiet, use the measured-faster XLA:CPU conv path
-# unless XLA_FLAGS is set, and on a CPU-only host keep XLA's step buffers
-# mapped between steps (malloc_defaults).
+# Before TensorFlow / JAX are imported (config files import them): keep TF
+# quiet and use the measured-faster XLA:CPU conv path unless XLA_FLAGS is set.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 xla_defaults.apply()
-malloc_defaults.apply()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -64,6 +61,12 @@ EXIT_PREEMPTED = 143
 
 def _run(argv) -> int:
   del argv
+  if FLAGS.config is None or FLAGS.workdir is None:
+    raise ValueError("pass --config=configs/<name>.py and --workdir=<dir>")
+  # Before JAX's backend starts its threads (config.cpu_malloc).
+  if malloc_defaults.apply(FLAGS.config.cpu_malloc):
+    print(f"cpu_malloc=reuse: {', '.join(malloc_defaults.applied)}",
+          flush=True)
   import jax  # noqa: F401  (after flags: lets XLA_FLAGS set by launchers apply)
 
   from bnn_jax import multihost
@@ -76,8 +79,6 @@ def _run(argv) -> int:
   from bnn_jax import phases
   from bnn_jax import train
 
-  if FLAGS.config is None or FLAGS.workdir is None:
-    raise ValueError("pass --config=configs/<name>.py and --workdir=<dir>")
   logging.set_verbosity(logging.WARNING)
   try:
     phases.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)

@@ -9,8 +9,9 @@ again, page by page, with the kernel zeroing each page. Measured on the
 79,000 minor page faults per 32x32 batch-64 step (316 MB) and 505,000 per
 224x224 batch-16 step (2 GB), about a tenth of the step.
 
-`apply()` keeps that memory in the process instead, with three `mallopt`
-settings, so that each step reuses the previous step's pages (0 faults):
+`apply("reuse")` keeps that memory in the process instead, with three
+`mallopt` settings, so that each step reuses the previous step's pages (0
+faults):
 
 * `M_ARENA_MAX = 1`: every thread allocates from the main arena, whose heap
   grows without the 64 MiB limit;
@@ -18,23 +19,34 @@ settings, so that each step reuses the previous step's pages (0 faults):
 * `M_TRIM_THRESHOLD = -1`: freed memory at the top of the heap is kept, not
   returned to the kernel.
 
-Measured: 32x32 batch 64: 252 -> 280-288 images/s; 224x224 batch 16:
-7.2-7.5 -> 8.3 images/s. The cost is memory: the process keeps its peak
-heap (resident memory 4.0 -> 5.6 GB at 224x224 batch 16).
+Measured (docs/performance.md): the benchmarked step, 32x32 batch 64:
+252 -> 280-288 images/s, 224x224 batch 16: 7.2-7.5 -> 8.3 images/s; the
+training loop (`bnn_jax.main`'s, with tf.data) of ReActNet-A at 32x32 batch
+64: 176-186 -> 137-157 s for 160 steps. The costs: the process keeps its
+peak heap (resident memory 4.0 -> 5.6 GB at 224x224 batch 16), and with
+one arena XLA's compiler threads contend for the malloc lock (ReActNet-A's
+step compiles in 10-14 s instead of 8-9 s). For small models, whose step
+buffers fit glibc's 64 MiB heaps, that is all cost: the digits job takes
+109-111 s instead of 96-98 s. Hence a choice, `mode`:
 
-When it applies: only on Linux with glibc (elsewhere `mallopt` is missing
-or a no-op), only when JAX will run on the CPU (`JAX_PLATFORMS` names cpu
-first, or no accelerator plug-in is installed: on GPU and TPU hosts the
-step's memory is on the device, and one arena would serialise the
-allocations of tf.data's many input threads), and only when the user has
-not configured malloc through the environment (`MALLOC_ARENA_MAX`,
+* `"reuse"`: the settings above. Set by `config.cpu_malloc = "reuse"` in the
+  ReActNet-A configs (configs/cifar10.py, the ImageNet ones), and the
+  default of `bnn_jax.benchmark` (`--cpu_malloc`).
+* `"glibc"`: glibc's defaults (the run-config default, `config_lib`).
+
+When "reuse" applies: only on Linux with glibc (elsewhere `mallopt` is
+missing or a no-op), only when JAX will run on the CPU (`JAX_PLATFORMS`
+names cpu first, or no accelerator plug-in is installed: on GPU and TPU
+hosts the step's memory is on the device), and only when the user has not
+configured malloc through the environment (`MALLOC_ARENA_MAX`,
 `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, or
-`glibc.malloc.*` in `GLIBC_TUNABLES`). So `MALLOC_ARENA_MAX=0 python -m
-bnn_jax.benchmark ...` measures glibc's defaults (0 = glibc's own arena
-limit).
+`glibc.malloc.*` in `GLIBC_TUNABLES`): those always win.
 
-It must run before any thread is started (before JAX or TensorFlow is
-imported): `M_ARENA_MAX` only limits arenas created afterwards.
+It must run before JAX's backend starts its threads (before the first
+`jax.devices()` or computation) and before any other thread allocates:
+`M_ARENA_MAX` only limits arenas created afterwards. Importing JAX and
+TensorFlow (as loading a config does) creates no arena yet; `arena_count()`
+checks.
 """
 
 from __future__ import annotations
@@ -61,6 +73,8 @@ DEFAULT_MALLOPT: tuple[tuple[str, int, int], ...] = (
 
 USER_MALLOC_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
                          "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+MODES = ("glibc", "reuse")
 
 # What the last `apply()` set in this process (reported by the benchmark).
 applied: tuple[str, ...] = ()
@@ -108,10 +122,44 @@ def _glibc_mallopt():
   return mallopt
 
 
-def apply(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
-  """Sets `DEFAULT_MALLOPT` when it applies; returns the names it set."""
+def check_mode(mode: str, name: str = "config.cpu_malloc") -> None:
+  """ValueError naming the choices unless `mode` is one of `MODES`."""
+  if mode not in MODES:
+    raise ValueError(f"{name}={mode!r} is not a malloc mode; use 'reuse' "
+                     "(keep XLA:CPU's step buffers mapped: large models) or "
+                     "'glibc' (glibc's defaults)")
+
+
+def arena_count() -> int:
+  """glibc's number of malloc arenas in this process (0 if not glibc)."""
+  if _glibc_mallopt() is None:
+    return 0
+  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  libc.open_memstream.restype = ctypes.c_void_p
+  libc.open_memstream.argtypes = (ctypes.POINTER(ctypes.c_char_p),
+                                  ctypes.POINTER(ctypes.c_size_t))
+  libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+  libc.fclose.argtypes = (ctypes.c_void_p,)
+  libc.free.argtypes = (ctypes.c_void_p,)
+  buffer, size = ctypes.c_char_p(), ctypes.c_size_t()
+  stream = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+  libc.malloc_info(0, stream)
+  libc.fclose(stream)
+  xml = ctypes.string_at(buffer, size.value).decode()
+  libc.free(buffer)
+  return xml.count("<heap nr=")
+
+
+def apply(mode: str = "reuse",
+          environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+  """Sets `DEFAULT_MALLOPT` for mode "reuse" when it applies.
+
+  Returns the names it set (empty for "glibc", or where it does not apply).
+  """
   global applied
-  if user_configured_malloc(environ) or not jax_runs_on_cpu(environ):
+  check_mode(mode)
+  if (mode == "glibc" or user_configured_malloc(environ)
+      or not jax_runs_on_cpu(environ)):
     return ()
   mallopt = _glibc_mallopt()
   if mallopt is None:

@@ -34,6 +34,7 @@ import ml_collections
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import input_pipeline
 from bnn_jax import losses
+from bnn_jax import malloc_defaults
 from bnn_jax import optim
 from bnn_jax import train
 
@@ -43,7 +44,8 @@ CONFIG_FILE = "config.json"
 # may be continued with different values of these.
 OPERATIONAL_FIELDS = ("log_every_steps", "eval_every_epochs",
                       "checkpoint_every_steps", "keep_checkpoints",
-                      "phase_order", "dataset.data_dir", "dynamics")
+                      "phase_order", "dataset.data_dir", "dynamics",
+                      "cpu_malloc")
 
 
 def phase_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -87,6 +89,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except TypeError:
     raise ValueError(f"config.model.dtype={config.model.dtype!r} is not a "
                      "dtype; use 'float32' or 'bfloat16'") from None
+  malloc_defaults.check_mode(config.cpu_malloc)
   info = input_pipeline.get_info(config.dataset)
   input_pipeline.steps_per_epoch(info, config.batch_size)
   for index, name in enumerate(names):

@@ -23,6 +23,10 @@ def get_config():
   config.eval_batch_size = 500
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
+  # ReActNet-A's step buffers exceed glibc's 64 MiB heaps: on a CPU-only host
+  # keep them mapped between steps (bnn_jax.malloc_defaults; no effect on
+  # GPU/TPU).
+  config.cpu_malloc = "reuse"
   config.phase_order = "teacher,step1,step2"
 
   teacher = config_lib.phase_config("resnet18_cifar", num_epochs=100)

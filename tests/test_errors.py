@@ -50,6 +50,8 @@ def config(tmp_path_factory):
      "\"weight_decay\""),
     ("--config.phases.step1.optimizer.learning_rate=-1",
      "learning_rate=-1.0; expected > 0"),
+    ("--config.cpu_malloc=reuse_buffers",
+     "config.cpu_malloc='reuse_buffers' is not a malloc mode; use 'reuse'"),
 ])
 def test_cli_errors_are_one_line(override, expected, tmp_path):
   workdir = tmp_path / "run"
@@ -75,6 +77,9 @@ def test_cli_missing_config_file(tmp_path):
      r"choose one of \['linear_epoch', 'linear', 'cosine', 'constant'\]"),
     (lambda c: setattr(c.phases.step1, "num_epochs", -1),
      r"num_epochs=-1 must be an integer >= 0"),
+    (lambda c: setattr(c, "cpu_malloc", "big"),
+     r"config.cpu_malloc='big' is not a malloc mode; use 'reuse' .* or "
+     r"'glibc'"),
     (lambda c: setattr(c.phases.step1.model, "name", "reactnet_b"),
      r"unknown model 'reactnet_b' \(did you mean 'reactnet_a'\?\); choose "
      r"one of \['reactnet_18'"),

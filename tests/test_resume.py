@@ -80,8 +80,14 @@ def test_sigkill_mid_phase_then_resume_is_bitwise_identical(
   code, _, _ = _start_and_signal(workdir, data_dir, signal.SIGKILL)
   assert code == -signal.SIGKILL
   assert "step1" not in _results(workdir)  # killed mid-phase
-  subprocess.run(_command(workdir, data_dir), cwd=REPO, env=_env(),
-                 check=True, capture_output=True, timeout=300)
+  # Resumed with the other malloc mode: an operational field (the workdir
+  # is accepted), applied before JAX starts, and the same bits.
+  done = subprocess.run(
+      _command(workdir, data_dir) + ["--config.cpu_malloc=reuse"], cwd=REPO,
+      env=_env(), check=True, capture_output=True, text=True, timeout=300)
+  if sys.platform.startswith("linux"):
+    assert ("cpu_malloc=reuse: M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD"
+            in done.stdout.splitlines())
   resumed = _results(workdir)
   for phase in ("teacher", "step1"):
     assert resumed[phase]["params_sha256"] == (
