@@ -4,7 +4,7 @@
       [--phase=step2] [--dtype=float32] [--teacher=resnet34] [--steps=10] \
       [--warmup=2] [--num_classes=1000] [--json]
 
-The step is `train.make_train_step` (forward, backward, optimizer update,
+The step is `train_step.make_train_step` (forward, backward, optimizer update,
 BatchNorm statistics), jitted with the state donated as in training, on
 random images and labels already on the device:
 
@@ -137,7 +137,7 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
   from bnn_jax import models
   from bnn_jax import optim
   from bnn_jax import summary
-  from bnn_jax import train
+  from bnn_jax import train_step
 
   def create(name, **attributes):
     fields = models.model_fields(name)
@@ -168,7 +168,7 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
 
   def init_state(key):
     variables = model.init(key, jnp.zeros((1,) + shape), train=False)
-    return train.TrainState(step=jnp.zeros((), jnp.int32),
+    return train_step.TrainState(step=jnp.zeros((), jnp.int32),
                             params=variables["params"],
                             batch_stats=variables["batch_stats"],
                             opt_state=tx.init(variables["params"]))
@@ -179,7 +179,7 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
       "image": jax.random.normal(k_img, (batch,) + shape, jnp.float32),
       "label": jax.random.randint(k_lab, (batch,), 0, num_classes, jnp.int32),
   }
-  step_fn = jax.jit(train.make_train_step(model, tx, loss_cfg, teacher),
+  step_fn = jax.jit(train_step.make_train_step(model, tx, loss_cfg, teacher),
                     donate_argnums=(0,))
 
   t0 = time.perf_counter()
@@ -203,7 +203,11 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
   faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                      - faults_start) / steps
   if not bool(jax.device_get(metrics["finite"])):
-    raise RuntimeError("the benchmarked step produced NaN/Inf")
+    shown = {k: float(v) for k, v in jax.device_get(metrics).items()
+             if k.startswith("train/")}
+    raise RuntimeError(f"the benchmarked step produced NaN/Inf in the loss, "
+                       f"the gradients or the parameters; last step's "
+                       f"metrics: {shown}")
 
   median = statistics.median(times)
   device = jax.devices()[0]

@@ -34,7 +34,7 @@ from bnn_jax import dynamics
 from bnn_jax import logs
 from bnn_jax import models
 from bnn_jax import optim
-from bnn_jax import train
+from bnn_jax import train_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "reactnet_small", "Student (binary weights).")
@@ -51,7 +51,7 @@ flags.DEFINE_bool("per_layer", True, "config.dynamics.per_layer.")
 
 def _state(model, tx, rng, image):
   variables = model.init(rng, image[:1], train=False)
-  return train.TrainState(step=jnp.zeros((), jnp.int32),
+  return train_step.TrainState(step=jnp.zeros((), jnp.int32),
                           params=variables["params"],
                           batch_stats=variables["batch_stats"],
                           opt_state=tx.init(variables["params"]))
@@ -77,8 +77,9 @@ def measure(model_name: str, batch: int, input_size: int, channels: int,
     teacher_model = models.create(teacher, num_classes=num_classes)
     teacher_vars = teacher_model.init(jax.random.key(3), image[:1],
                                       train=False)
-  step_fn = jax.jit(train.make_train_step(model, tx, loss_cfg, teacher_model),
-                    donate_argnums=(0,))
+  step_fn = jax.jit(
+      train_step.make_train_step(model, tx, loss_cfg, teacher_model),
+      donate_argnums=(0,))
   state = _state(model, tx, jax.random.key(0), image)
   config = config_lib.base_config("digits")
   config.dynamics.every = every

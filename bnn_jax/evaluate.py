@@ -65,6 +65,7 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   from bnn_jax import input_pipeline
   from bnn_jax import phases
   from bnn_jax import train
+  from bnn_jax import train_step
 
   names = phases.phase_names(config)
   phase = phase or names[-1]
@@ -83,13 +84,13 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   mesh = train.make_mesh()
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-  eval_step = jax.jit(train.make_eval_step(model),
+  eval_step = jax.jit(train_step.make_eval_step(model),
                       in_shardings=(replicated, batch_sharding),
                       out_shardings=replicated)
   batches = input_pipeline.eval_iterator(
       config.dataset, global_batch_size=config.eval_batch_size,
       sharding=batch_sharding)
-  result = train.evaluate(eval_step, jax.device_put(variables, replicated),
+  result = train_step.evaluate(eval_step, jax.device_put(variables, replicated),
                           batches)
   return {"phase": phase, "model": model_cfg.name,
           "checkpoint": os.path.abspath(checkpoint),

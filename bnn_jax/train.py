@@ -1,9 +1,10 @@
-"""One training phase: state, sharded jitted step, loop, evaluation, checkpoints, logs.
+"""One training phase: sharded jitted step, loop, evaluation, checkpoints, logs.
 
 A phase trains one model (`phase_cfg.model`) for `phase_cfg.num_epochs` epochs
 with its own optimizer chain and loss, optionally distilling from a frozen
 teacher whose forward pass runs inside the jitted step (eval mode, same
-augmented batch). `bnn_jax.phases` strings phases together.
+augmented batch). The step itself is `bnn_jax.train_step`; `bnn_jax.phases`
+strings phases together.
 
 Parallelism: one `data` mesh axis over every device of every process. The
 batch is sharded `P('data')`, the state replicated; `jax.jit` with explicit
@@ -26,15 +27,13 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -43,9 +42,9 @@ from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import dynamics
 from bnn_jax import input_pipeline
 from bnn_jax import logs
-from bnn_jax import losses
 from bnn_jax import models
 from bnn_jax import optim
+from bnn_jax import train_step
 
 
 class TrainingError(RuntimeError):
@@ -54,19 +53,6 @@ class TrainingError(RuntimeError):
 
 class Preempted(Exception):
   """The run was asked to stop (SIGTERM / platform preemption); state saved."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a phase needs to resume: step, params, BN statistics, optimizer state."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-
-  @property
-  def variables(self) -> dict:
-    return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 @dataclasses.dataclass
@@ -154,95 +140,6 @@ def check_variables_match(expected: Any, given: Any, what: str) -> None:
     raise ValueError(f"{what} does not match the model: " + "; ".join(problems))
 
 
-def make_loss_fn(model: nn.Module,
-                 loss_cfg: ml_collections.ConfigDict) -> Callable:
-  """The training loss of one batch, the function the train step differentiates.
-
-  Returns loss_fn(params, batch_stats, batch, teacher_logits) ->
-  (loss, (new batch_stats, logits, loss parts)): the model in train mode
-  (BatchNorm on batch statistics, updating the running ones) and
-  `losses.combined_loss`, a mean over the global batch.
-  """
-
-  def loss_fn(params, batch_stats, batch, teacher_logits):
-    logits, mutated = model.apply(
-        {"params": params, "batch_stats": batch_stats},
-        batch["image"], train=True, mutable=["batch_stats"])
-    loss, parts = losses.combined_loss(loss_cfg, logits, batch["label"],
-                                       teacher_logits=teacher_logits)
-    return loss, (mutated["batch_stats"], logits, parts)
-
-  return loss_fn
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    loss_cfg: ml_collections.ConfigDict,
-                    teacher_model: Optional[nn.Module]) -> Callable:
-  """(state, batch, teacher_variables) -> (state, metrics), to be jitted."""
-  loss_fn = make_loss_fn(model, loss_cfg)
-
-  def train_step(state: TrainState, batch: dict, teacher_variables: Any):
-    teacher_logits = None
-    if teacher_model is not None:
-      teacher_logits = jax.lax.stop_gradient(
-          teacher_model.apply(teacher_variables, batch["image"], train=False))
-    (loss, (batch_stats, logits, parts)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params, state.batch_stats, batch,
-                               teacher_logits)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    metrics = {
-        "train/loss": loss,
-        "train/top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-        "train/grad_norm": grad_norm,
-        "train/lr": optim.learning_rate(opt_state),
-        # Loss, gradients and the updated parameters: a NaN/Inf anywhere
-        # stops the run before that state can be checkpointed.
-        "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                   & jnp.isfinite(optax.tree.norm(params))),
-    }
-    metrics.update({f"train/{k}": v for k, v in parts.items()})
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, metrics
-
-  return train_step
-
-
-def make_eval_step(model: nn.Module) -> Callable:
-  """(variables, batch) -> sums of top-1/top-5 hits, CE loss and count over unmasked examples."""
-
-  def eval_step(variables, batch):
-    logits = model.apply(variables, batch["image"], train=False)
-    mask = batch["mask"].astype(jnp.float32)
-    labels = batch["label"]
-    k5 = min(5, logits.shape[-1])
-    return {
-        "correct1": jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
-        "correct5": jnp.sum(losses.topk_correct(logits, labels, k5) * mask),
-        "loss_sum": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), labels) * mask),
-        "count": jnp.sum(mask),
-    }
-
-  return eval_step
-
-
-def evaluate(eval_step: Callable, variables: Any, batches) -> dict:
-  """Top-1, top-5 and CE over every unmasked example of `batches`."""
-  totals = None
-  for batch in batches:
-    out = eval_step(variables, batch)
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
-  count = float(totals["count"])
-  return {"eval/top1": float(totals["correct1"]) / count,
-          "eval/top5": float(totals["correct5"]) / count,
-          "eval/loss": float(totals["loss_sum"]) / count,
-          "eval/count": count}
-
-
 class _StopSignal:
   """Turns SIGTERM into a flag the loop checks after each step."""
 
@@ -316,7 +213,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
   def init_state(rng):
     variables = model.init(rng, dummy, train=False)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params))
 
@@ -327,7 +224,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
                           f"the variables handed to phase {phase_name!r}")
 
     def init_from_variables(variables):
-      return TrainState(step=jnp.zeros((), jnp.int32),
+      return train_step.TrainState(step=jnp.zeros((), jnp.int32),
                         params=variables["params"],
                         batch_stats=variables["batch_stats"],
                         opt_state=tx.init(variables["params"]))
@@ -355,12 +252,12 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
   # --- Teacher and jitted steps. ---
   teacher_model, teacher_vars = (None, {}) if teacher is None else teacher
   teacher_vars = jax.device_put(teacher_vars, replicated)
-  train_step = jax.jit(
-      make_train_step(model, tx, phase_cfg.loss, teacher_model),
+  step_fn = jax.jit(
+      train_step.make_train_step(model, tx, phase_cfg.loss, teacher_model),
       in_shardings=(state_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model),
+  eval_step = jax.jit(train_step.make_eval_step(model),
                       in_shardings=(replicated, batch_sharding),
                       out_shardings=replicated)
 
@@ -368,7 +265,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
     batches = input_pipeline.eval_iterator(
         config.dataset, global_batch_size=config.eval_batch_size,
         sharding=batch_sharding)
-    return evaluate(eval_step, state.variables, batches)
+    return train_step.evaluate(eval_step, state.variables, batches)
 
   writer = logs.create_writer(workdir, phase_name)
   report_progress = periodic_actions.ReportProgress(
@@ -422,7 +319,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
   with _StopSignal() as stop:
     while step < total_steps:
       batch = next(train_iter)
-      state, metrics = train_step(state, batch, teacher_vars)
+      state, metrics = step_fn(state, batch, teacher_vars)
       step += 1
       pending.append((step, metrics))
       report_progress(step)

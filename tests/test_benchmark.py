@@ -1,12 +1,18 @@
 """`python -m bnn_jax.benchmark` on a tiny model; its formulas; XLA defaults."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import types
 
 import pytest
 
 from bnn_jax import benchmark
 from bnn_jax import xla_defaults
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_a_tiny_model():
@@ -52,3 +58,33 @@ def test_xla_defaults_only_when_unset():
   environ = {"XLA_FLAGS": ""}
   assert xla_defaults.apply(environ) is None
   assert environ == {"XLA_FLAGS": ""}
+
+
+# `python -m bnn_jax.benchmark ... --json`, then which host-side libraries it
+# imported: GPU/TPU images often lack TensorFlow, and the step needs none.
+_CLI_AND_IMPORTS = textwrap.dedent("""
+    import json, runpy, sys
+    sys.argv = ["bnn_jax.benchmark", "--model=reactnet_small", "--batch=8",
+                "--input_size=8", "--steps=1", "--warmup=1",
+                "--num_classes=10", "--input_channels=1",
+                "--cpu_malloc=glibc", "--json"]
+    try:
+      runpy.run_module("bnn_jax.benchmark", run_name="__main__")
+    except SystemExit as e:
+      assert e.code == 0, e.code
+    print(json.dumps(sorted(m for m in ("tensorflow", "tensorflow_datasets",
+                                        "clu") if m in sys.modules)))
+""")
+
+
+def test_cli_json_without_tensorflow():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  out = subprocess.run([sys.executable, "-c", _CLI_AND_IMPORTS], cwd=_REPO,
+                       env=env, capture_output=True, text=True, check=True,
+                       timeout=300)
+  result_line, imported_line = out.stdout.strip().splitlines()[-2:]
+  result = json.loads(result_line)
+  assert (result["model"], result["batch"], result["steps"]) == (
+      "reactnet_small", 8, 1)
+  assert result["mallopt"] == []  # --cpu_malloc=glibc
+  assert json.loads(imported_line) == []

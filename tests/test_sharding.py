@@ -28,6 +28,7 @@ from bnn_jax import layers
 from bnn_jax import models
 from bnn_jax import optim
 from bnn_jax import train
+from bnn_jax import train_step
 
 _TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 _MOCK_EXAMPLES = 10
@@ -180,19 +181,19 @@ _BATCH = 32  # 4 examples per device on 8 devices.
 def _step_outputs(model, tx, loss_cfg, state, batch, devices):
   """Loss, gradients and the next state of one step on a `data` mesh.
 
-  One jitted function holds both the gradient and `train.make_train_step`
+  One jitted function holds both the gradient and `train_step.make_train_step`
   (one compilation per mesh).
   """
   mesh = train.make_mesh(devices)
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
-  loss_fn = train.make_loss_fn(model, loss_cfg)
-  train_step = train.make_train_step(model, tx, loss_cfg, None)
+  loss_fn = train_step.make_loss_fn(model, loss_cfg)
+  step_fn = train_step.make_train_step(model, tx, loss_cfg, None)
 
   def step(state, batch):
     (loss, (batch_stats, _, _)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params, state.batch_stats, batch, None)
-    new_state, metrics = train_step(state, batch, {})
+    new_state, metrics = step_fn(state, batch, {})
     return {"loss": loss, "grads": grads, "batch_stats": batch_stats,
             "state": new_state, "metrics": metrics}
 
@@ -226,7 +227,7 @@ def test_eight_devices_match_one_device(bn_group_size, optimizer):
   params = jax.tree.map(
       lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape),
       variables["params"])
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            batch_stats=variables["batch_stats"],
                            opt_state=tx.init(params))
 
@@ -293,7 +294,7 @@ def test_eval_on_eight_devices_counts_every_example_once(digits_cfg):
   variables = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1)),
                          train=False)
   split = "test[:359]"  # Odd: 359 = 5 full batches of 64 + 39.
-  eval_step = train.make_eval_step(model)
+  eval_step = train_step.make_eval_step(model)
 
   def run(devices):
     mesh = train.make_mesh(devices)
@@ -303,7 +304,7 @@ def test_eval_on_eight_devices_counts_every_example_once(digits_cfg):
                    out_shardings=replicated)
     batches = input_pipeline.eval_iterator(
         digits_cfg, global_batch_size=64, sharding=sharding, split=split)
-    return train.evaluate(step, jax.device_put(variables, replicated),
+    return train_step.evaluate(step, jax.device_put(variables, replicated),
                           batches)
 
   eight = run(jax.devices())

@@ -1,0 +1,132 @@
+"""The training step (loss, gradients, optimizer update, metrics), the eval step.
+
+Pure functions of a model, an optax chain and a loss config, to be jitted by
+the caller (`bnn_jax.train` shards them over a mesh; `bnn_jax.benchmark`
+times them). Nothing here reads data, writes logs or checkpoints, so it
+needs only JAX, Flax and optax.
+
+One training step, for a batch (x, y) and the student f(W, x):
+
+  teacher logits  t = stop_gradient(teacher(x))        (KD phases only)
+  loss            L = `losses.combined_loss`(f(W, x), y, t)
+  gradients       g = dL/dW (binarisers backpropagate their pseudo-gradients)
+  update          W <- W + optax update(g, opt_state, W)
+  metrics         loss, top-1, |g|, lr, the loss parts, and `finite`
+                  (loss, |g| and |W| all finite).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bnn_jax import losses
+from bnn_jax import optim
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a phase needs to resume: step, params, BN statistics, optimizer state."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def make_loss_fn(model: nn.Module,
+                 loss_cfg: ml_collections.ConfigDict) -> Callable:
+  """The training loss of one batch, the function the train step differentiates.
+
+  Returns loss_fn(params, batch_stats, batch, teacher_logits) ->
+  (loss, (new batch_stats, logits, loss parts)): the model in train mode
+  (BatchNorm on batch statistics, updating the running ones) and
+  `losses.combined_loss`, a mean over the global batch.
+  """
+
+  def loss_fn(params, batch_stats, batch, teacher_logits):
+    logits, mutated = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        batch["image"], train=True, mutable=["batch_stats"])
+    loss, parts = losses.combined_loss(loss_cfg, logits, batch["label"],
+                                       teacher_logits=teacher_logits)
+    return loss, (mutated["batch_stats"], logits, parts)
+
+  return loss_fn
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    loss_cfg: ml_collections.ConfigDict,
+                    teacher_model: Optional[nn.Module]) -> Callable:
+  """(state, batch, teacher_variables) -> (state, metrics), to be jitted."""
+  loss_fn = make_loss_fn(model, loss_cfg)
+
+  def train_step(state: TrainState, batch: dict, teacher_variables: Any):
+    teacher_logits = None
+    if teacher_model is not None:
+      teacher_logits = jax.lax.stop_gradient(
+          teacher_model.apply(teacher_variables, batch["image"], train=False))
+    (loss, (batch_stats, logits, parts)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params, state.batch_stats, batch,
+                               teacher_logits)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = {
+        "train/loss": loss,
+        "train/top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "train/grad_norm": grad_norm,
+        "train/lr": optim.learning_rate(opt_state),
+        # Loss, gradients and the updated parameters: a NaN/Inf anywhere
+        # stops the run before that state can be checkpointed.
+        "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                   & jnp.isfinite(optax.tree.norm(params))),
+    }
+    metrics.update({f"train/{k}": v for k, v in parts.items()})
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """(variables, batch) -> sums of top-1/top-5 hits, CE loss and count over unmasked examples."""
+
+  def eval_step(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    labels = batch["label"]
+    k5 = min(5, logits.shape[-1])
+    return {
+        "correct1": jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
+        "correct5": jnp.sum(losses.topk_correct(logits, labels, k5) * mask),
+        "loss_sum": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), labels) * mask),
+        "count": jnp.sum(mask),
+    }
+
+  return eval_step
+
+
+def evaluate(eval_step: Callable, variables: Any, batches) -> dict:
+  """Top-1, top-5 and CE over every unmasked example of `batches`."""
+  totals = None
+  for batch in batches:
+    out = eval_step(variables, batch)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return {"eval/top1": float(totals["correct1"]) / count,
+          "eval/top5": float(totals["correct5"]) / count,
+          "eval/loss": float(totals["loss_sum"]) / count,
+          "eval/count": count}
