@@ -19,10 +19,11 @@ faults):
 * `M_TRIM_THRESHOLD = -1`: freed memory at the top of the heap is kept, not
   returned to the kernel.
 
-Measured (docs/performance.md): the benchmarked step, 32x32 batch 64:
-252 -> 280-288 images/s, 224x224 batch 16: 7.2-7.5 -> 8.3 images/s; the
-training loop (`bnn_jax.main`'s, with tf.data) of ReActNet-A at 32x32 batch
-64: 176-186 -> 137-157 s for 160 steps. The costs: the process keeps its
+Measured (docs/performance.md, interleaved rounds on 2 cores): the
+benchmarked ReActNet-A step, 32x32 batch 64: 233-243 -> 254-272 images/s,
+224x224 batch 16: 6.1-7.1 -> 7.9-8.2 images/s; the training loop
+(`phases.run`, with tf.data) of ReActNet-A at 32x32 batch 64: 176-186 ->
+137-157 s for 160 steps. The costs: the process keeps its
 peak heap (resident memory 4.0 -> 5.6 GB at 224x224 batch 16), and with
 one arena XLA's compiler threads contend for the malloc lock (ReActNet-A's
 step compiles in 10-14 s instead of 8-9 s). For small models, whose step
