@@ -4,8 +4,8 @@
       [--phase=step2] [--dtype=float32] [--teacher=resnet34] [--steps=10] \
       [--warmup=2] [--num_classes=1000] [--json]
 
-The step is `train_step.make_train_step` (forward, backward, optimizer update,
-BatchNorm statistics), jitted with the state donated as in training, on
+The step is `train_step.make_train_step` (forward, backward, optimizer
+update, BatchNorm statistics), jitted with the state donated as in training, on
 random images and labels already on the device:
 
 * step1: binary activations, real weights, Adam with coupled L2 decay 5e-6;
@@ -78,7 +78,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 2, "Untimed steps before timing.")
   flags.DEFINE_integer("num_classes", 1000, "Classes of student and teacher.")
   flags.DEFINE_integer("input_channels", 3, "Input channels.")
-  flags.DEFINE_enum("cpu_malloc", "reuse", ["reuse", "glibc"],
+  flags.DEFINE_enum("cpu_malloc", "reuse", list(malloc_defaults.MODES),
                     "On a CPU-only host: 'reuse' keeps XLA's step buffers "
                     "mapped between steps (bnn_jax.malloc_defaults), "
                     "'glibc' measures glibc's malloc defaults.")
@@ -169,9 +169,9 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
   def init_state(key):
     variables = model.init(key, jnp.zeros((1,) + shape), train=False)
     return train_step.TrainState(step=jnp.zeros((), jnp.int32),
-                            params=variables["params"],
-                            batch_stats=variables["batch_stats"],
-                            opt_state=tx.init(variables["params"]))
+                                 params=variables["params"],
+                                 batch_stats=variables["batch_stats"],
+                                 opt_state=tx.init(variables["params"]))
 
   state = jax.jit(init_state)(jax.random.key(0))
   k_img, k_lab = jax.random.split(jax.random.key(2))

@@ -357,7 +357,8 @@ def make_dynamics_step(model: nn.Module, loss_cfg: Any,
   """(state, batch, teacher_variables, previous, init, start) -> metrics.
 
   One forward and backward pass of the phase's training loss (the same loss
-  as `train_step.make_train_step`: train-mode BatchNorm, teacher logits for KD)
+  as `train_step.make_train_step`: train-mode BatchNorm, teacher logits for
+  KD)
   at `state.params`, with the 'intermediates' collection mutable so the
   binary convs report their saturation; the updated BatchNorm statistics are
   discarded. Then `weight_dynamics`. To be jitted.

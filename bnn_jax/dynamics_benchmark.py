@@ -52,9 +52,9 @@ flags.DEFINE_bool("per_layer", True, "config.dynamics.per_layer.")
 def _state(model, tx, rng, image):
   variables = model.init(rng, image[:1], train=False)
   return train_step.TrainState(step=jnp.zeros((), jnp.int32),
-                          params=variables["params"],
-                          batch_stats=variables["batch_stats"],
-                          opt_state=tx.init(variables["params"]))
+                               params=variables["params"],
+                               batch_stats=variables["batch_stats"],
+                               opt_state=tx.init(variables["params"]))
 
 
 def measure(model_name: str, batch: int, input_size: int, channels: int,

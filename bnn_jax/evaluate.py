@@ -90,8 +90,8 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   batches = input_pipeline.eval_iterator(
       config.dataset, global_batch_size=config.eval_batch_size,
       sharding=batch_sharding)
-  result = train_step.evaluate(eval_step, jax.device_put(variables, replicated),
-                          batches)
+  result = train_step.evaluate(
+      eval_step, jax.device_put(variables, replicated), batches)
   return {"phase": phase, "model": model_cfg.name,
           "checkpoint": os.path.abspath(checkpoint),
           "dataset": config.dataset.name,

@@ -64,9 +64,9 @@ def _run(argv) -> int:
   if FLAGS.config is None or FLAGS.workdir is None:
     raise ValueError("pass --config=configs/<name>.py and --workdir=<dir>")
   # Before JAX's backend starts its threads (config.cpu_malloc).
-  if malloc_defaults.apply(FLAGS.config.cpu_malloc):
-    print(f"cpu_malloc=reuse: {', '.join(malloc_defaults.applied)}",
-          flush=True)
+  applied = malloc_defaults.apply(FLAGS.config.cpu_malloc)
+  if applied:
+    print(f"cpu_malloc=reuse: {', '.join(applied)}", flush=True)
   import jax  # noqa: F401  (after flags: lets XLA_FLAGS set by launchers apply)
 
   from bnn_jax import multihost

@@ -26,7 +26,7 @@ benchmarked ReActNet-A step, 32x32 batch 64: 233-243 -> 254-272 images/s,
 137-157 s for 160 steps. The costs: the process keeps its
 peak heap (resident memory 4.0 -> 5.6 GB at 224x224 batch 16), and with
 one arena XLA's compiler threads contend for the malloc lock (ReActNet-A's
-step compiles in 10-14 s instead of 8-9 s). For small models, whose step
+step compiles in 10-14 s instead of 8-10 s). For small models, whose step
 buffers fit glibc's 64 MiB heaps, that is all cost: the digits job takes
 109-111 s instead of 96-98 s. Hence a choice, `mode`:
 
@@ -108,34 +108,32 @@ def jax_runs_on_cpu(environ: Mapping[str, str]) -> bool:
   return importlib.util.find_spec(_TPU_MODULE) is None
 
 
-def _glibc_mallopt():
-  """glibc's `mallopt`, or None on other C libraries and systems."""
+def _glibc():
+  """The C library when it is glibc (has `mallopt`), else None."""
   if not sys.platform.startswith("linux"):
     return None
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.gnu_get_libc_version  # pylint: disable=pointless-statement
-    mallopt = libc.mallopt
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   except (OSError, AttributeError):
     return None
-  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  mallopt.restype = ctypes.c_int
-  return mallopt
+  return libc
 
 
-def check_mode(mode: str, name: str = "config.cpu_malloc") -> None:
+def check_mode(mode: str) -> None:
   """ValueError naming the choices unless `mode` is one of `MODES`."""
   if mode not in MODES:
-    raise ValueError(f"{name}={mode!r} is not a malloc mode; use 'reuse' "
-                     "(keep XLA:CPU's step buffers mapped: large models) or "
-                     "'glibc' (glibc's defaults)")
+    raise ValueError(f"config.cpu_malloc={mode!r} is not a malloc mode; "
+                     "use 'reuse' (keep XLA:CPU's step buffers mapped: "
+                     "large models) or 'glibc' (glibc's defaults)")
 
 
 def arena_count() -> int:
   """glibc's number of malloc arenas in this process (0 if not glibc)."""
-  if _glibc_mallopt() is None:
+  libc = _glibc()
+  if libc is None:
     return 0
-  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
   libc.open_memstream.restype = ctypes.c_void_p
   libc.open_memstream.argtypes = (ctypes.POINTER(ctypes.c_char_p),
                                   ctypes.POINTER(ctypes.c_size_t))
@@ -162,9 +160,9 @@ def apply(mode: str = "reuse",
   if (mode == "glibc" or user_configured_malloc(environ)
       or not jax_runs_on_cpu(environ)):
     return ()
-  mallopt = _glibc_mallopt()
-  if mallopt is None:
+  libc = _glibc()
+  if libc is None:
     return ()
   applied = tuple(name for name, param, value in DEFAULT_MALLOPT
-                  if mallopt(param, value) == 1)
+                  if libc.mallopt(param, value) == 1)
   return applied

@@ -213,9 +213,10 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
   def init_state(rng):
     variables = model.init(rng, dummy, train=False)
     params = variables["params"]
-    return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params))
+    return train_step.TrainState(step=jnp.zeros((), jnp.int32),
+                                 params=params,
+                                 batch_stats=variables.get("batch_stats", {}),
+                                 opt_state=tx.init(params))
 
   abstract_state = jax.eval_shape(init_state, rng)
   state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
@@ -225,9 +226,9 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
 
     def init_from_variables(variables):
       return train_step.TrainState(step=jnp.zeros((), jnp.int32),
-                        params=variables["params"],
-                        batch_stats=variables["batch_stats"],
-                        opt_state=tx.init(variables["params"]))
+                                   params=variables["params"],
+                                   batch_stats=variables["batch_stats"],
+                                   opt_state=tx.init(variables["params"]))
 
     state = jax.jit(init_from_variables, out_shardings=state_shardings)(
         jax.tree.map(jnp.asarray, init_variables))

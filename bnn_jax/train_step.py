@@ -1,4 +1,4 @@
-"""The training step (loss, gradients, optimizer update, metrics), the eval step.
+"""The train step (loss, gradients, optimizer update, metrics) and eval step.
 
 Pure functions of a model, an optax chain and a loss config, to be jitted by
 the caller (`bnn_jax.train` shards them over a mesh; `bnn_jax.benchmark`
