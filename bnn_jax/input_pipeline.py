@@ -1,36 +1,8 @@
 """Input pipeline: TFDS -> per-host split -> augment -> batch -> jax.Array.
 
-Data sets (`dataset_cfg.name`) and their preprocessing (SPEC §3). Every image
-ends as float32 [H, W, C] = (pixel / 255 - mean) / std, per channel.
-
-* `imagenet2012` (default size 224, eval split `validation`), per example:
-  train: fused JPEG decode and random-resized crop: a window is drawn with
-    `tf.image.stateless_sample_distorted_bounding_box` (area 8%-100% of the
-    image, aspect ratio 3/4-4/3, 10 attempts, else the whole image) and only
-    that window is decoded (`tf.image.decode_and_crop_jpeg`); resize to
-    image_size x image_size (bilinear, antialiased); random horizontal flip.
-    This is torchvision's RandomResizedCrop but for the sampling details: TF
-    draws the aspect ratio uniformly (torchvision: log-uniformly) and falls
-    back to the whole image (torchvision: to a centre crop).
-  eval: decode; resize the short side to image_size * 256 / 224 rounded
-    half up (256 at 224) and the long side to int(that * long / short)
-    (torchvision's `Resize(int)`); centre crop image_size x image_size
-    (torchvision's `CenterCrop`, offsets rounded half to even).
-  mean/std (ImageNet): (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).
-* `cifar10` (default size 32, eval split `test`), per batch (vectorised):
-  train: zero-pad 4 pixels on each side, random 32x32 crop, random horizontal
-    flip. eval: nothing. Both then resize to image_size if it is not 32.
-  mean/std (the CIFAR-10 train set's per-channel statistics):
-    (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616).
-* `digits` (default size 8, eval split `test`; `bnn_jax.datasets.digits`,
-  built into data_dir on first use), per batch (vectorised):
-  train: random shift by up to 1 pixel (zero-pad 1, random 8x8 crop), no flip
-    (digits are not mirror-symmetric). eval: nothing. Both then resize to
-    image_size if it is not 8.
-  mean/std (of all pixels of the 1437 train images on [0, 1], population
-    std; one channel): (0.30543,) / (0.37596,).
-
-`augment=False` gives the train split the eval preprocessing.
+Data sets, their recipes and the per-example ops live in
+`bnn_jax.preprocess`; this module is the host side: TFDS builders, the
+per-process split, batching, and the train/eval iterators.
 
 Training batches (`train_iterator`): dict(image=float32 [B, H, W, C],
 label=int32 [B]), infinite. The last partial batch of an epoch is dropped:
@@ -86,14 +58,12 @@ batches become global `jax.Array`s through
 TensorFlow runs on the host CPU only: importing this module hides every GPU
 from it, so it never reserves accelerator memory.
 """
-
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import tensorflow as tf
 
@@ -102,10 +72,10 @@ tf.config.set_visible_devices([], "GPU")
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
-from ml_collections import config_dict  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from bnn_jax.datasets import digits  # noqa: E402
+from bnn_jax import preprocess  # noqa: E402
+from bnn_jax.preprocess import default_dataset_config  # noqa: E402,F401
 
 __all__ = [
     "DatasetInfo",
@@ -142,199 +112,6 @@ class DatasetInfo:
   num_eval: int
 
 
-# ---------------------------------------------------------------------------
-# Preprocessing. A recipe's `decode` runs once per stored example (its output
-# may be cached). `train(images, size, seed)` and `eval(images, size)` take
-# one decoded example or, for a `batched` recipe, a batch of them, and return
-# float32 in [0, 1] of static shape [(B,) size, size, C]; normalisation
-# follows.
-# ---------------------------------------------------------------------------
-def _to_unit_float(images: tf.Tensor, size: int) -> tf.Tensor:
-  """uint8 -> float32 in [0, 1], resized to size x size when it is not."""
-  images = tf.cast(images, tf.float32) / 255.0
-  if tuple(images.shape[-3:-1]) != (size, size):
-    images = tf.image.resize(images, [size, size], method="bilinear",
-                             antialias=True)
-  return images
-
-
-def _imagenet_train(encoded: tf.Tensor, size: int,
-                    seed: tf.Tensor) -> tf.Tensor:
-  """Fused decode + random-resized crop, resize, random horizontal flip."""
-  crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
-  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.image.extract_jpeg_shape(encoded),
-      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-      seed=crop_seed,
-      min_object_covered=0.0,  # The area range alone bounds the crop.
-      aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
-      area_range=(0.08, 1.0),
-      max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  top, left, _ = tf.unstack(begin)
-  height, width, _ = tf.unstack(crop_size)
-  image = tf.image.decode_and_crop_jpeg(
-      encoded, tf.stack([top, left, height, width]), channels=3)
-  image = tf.image.resize(image, [size, size], method="bilinear",
-                          antialias=True) / 255.0
-  return tf.image.stateless_random_flip_left_right(image, flip_seed)
-
-
-def _imagenet_eval(encoded: tf.Tensor, size: int) -> tf.Tensor:
-  """Decode, resize the short side to size*256/224, centre crop size."""
-  image = tf.io.decode_jpeg(encoded, channels=3)
-  resize = int(size * 256 / 224 + 0.5)
-  height, width = tf.unstack(tf.shape(image)[:2])
-  portrait = width <= height
-  new_height = tf.where(portrait, resize * height // width, resize)
-  new_width = tf.where(portrait, resize, resize * width // height)
-  image = tf.image.resize(image, tf.stack([new_height, new_width]),
-                          method="bilinear", antialias=True) / 255.0
-  top = tf.cast(tf.round(tf.cast(new_height - size, tf.float32) / 2),
-                tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_width - size, tf.float32) / 2),
-                 tf.int32)
-  return tf.ensure_shape(image[top:top + size, left:left + size],
-                         (size, size, 3))
-
-
-def _decode_png(encoded: tf.Tensor, *, native: int,
-                channels: int) -> tf.Tensor:
-  return tf.ensure_shape(tf.io.decode_png(encoded, channels=channels),
-                         (native, native, channels))
-
-
-def _pad_crop_train(images: tf.Tensor, size: int, seed: tf.Tensor, *,
-                    pad: int, flip: bool, draws: Optional[int] = None,
-                    offset: tf.Tensor | int = 0) -> tf.Tensor:
-  """Per example of a batch: zero-pad, random crop back, optional flip.
-
-  Args:
-    images: uint8 [B, H, W, C].
-    size: output size.
-    seed: int64 [2], seeds the draws.
-    pad: zero padding on each side (the largest shift).
-    flip: random horizontal flips.
-    draws: random values are drawn for this many examples (None: B) and
-      examples offset..offset + B - 1 of them are used, so a process's rows
-      of a global batch get the augmentation of a 1-process run.
-    offset: int32 scalar, see `draws`.
-  """
-  crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
-  batch = tf.shape(images)[0]
-  draws = batch if draws is None else draws
-  _, height, width, _ = images.shape
-  offsets = tf.random.stateless_uniform([2, draws], crop_seed,
-                                        maxval=2 * pad + 1, dtype=tf.int32)
-  offsets = offsets[:, offset:offset + batch]
-  padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-  images = tf.gather(padded, offsets[0][:, None] + tf.range(height), axis=1,
-                     batch_dims=1)
-  images = tf.gather(images, offsets[1][:, None] + tf.range(width), axis=2,
-                     batch_dims=1)
-  if flip:
-    mirror = tf.random.stateless_uniform([draws], flip_seed) < 0.5
-    mirror = mirror[offset:offset + batch]
-    images = tf.where(mirror[:, None, None, None],
-                      tf.reverse(images, axis=[2]), images)
-  return _to_unit_float(images, size)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Recipe:
-  """How one data set is read, augmented and normalised."""
-  image_size: int
-  channels: int
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  decode: Callable[[tf.Tensor], tf.Tensor]
-  # Batched recipes also take keyword arguments `draws` and `offset` (see
-  # `_pad_crop_train`).
-  train: Callable[..., tf.Tensor]
-  eval: Callable[[tf.Tensor, int], tf.Tensor]
-  batched: bool  # train / eval take batches (cheap ops on small images).
-  eval_split: str
-  shuffle_buffer_size: Optional[int]
-  # Either how to prepare the data by hand (formatted with data_dir) or a
-  # function that prepares it into data_dir and returns the builder.
-  how_to_prepare: str = ""
-  prepare: Optional[Callable[[Optional[str]],
-                             tfds.core.DatasetBuilder]] = None
-
-
-_RECIPES = {
-    "imagenet2012": _Recipe(
-        image_size=224, channels=3,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-        decode=tf.identity,  # JPEG decoding is fused with the train crop.
-        train=_imagenet_train, eval=_imagenet_eval, batched=False,
-        eval_split="validation", shuffle_buffer_size=50_000,
-        how_to_prepare=(
-            "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
-            "from image-net.org into {data_dir}/downloads/manual/ and run "
-            "`tfds build imagenet2012 --data_dir={data_dir}`")),
-    "cifar10": _Recipe(
-        image_size=32, channels=3,
-        # Per-channel mean and (population) std of the 50,000 train images.
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-        decode=functools.partial(_decode_png, native=32, channels=3),
-        train=functools.partial(_pad_crop_train, pad=4, flip=True),
-        eval=_to_unit_float, batched=True,
-        eval_split="test", shuffle_buffer_size=None,
-        how_to_prepare=(
-            "run `tfds build cifar10 --data_dir={data_dir}` on a machine "
-            "with internet access (then copy {data_dir}/cifar10 here if "
-            "that was another machine)")),
-    "digits": _Recipe(
-        image_size=8, channels=1,
-        # Mean and (population) std of all pixels of the 1437 train images
-        # on the [0, 1] scale: pixels = digits.to_uint8(load_digits().images)
-        # [train_idx] / 255; (pixels.mean(), pixels.std()) =
-        # (0.305434, 0.375957). tests/test_input_pipeline.py recomputes them.
-        mean=(0.30543,), std=(0.37596,),
-        decode=functools.partial(_decode_png, native=8, channels=1),
-        train=functools.partial(_pad_crop_train, pad=1, flip=False),
-        eval=_to_unit_float, batched=True,
-        eval_split="test", shuffle_buffer_size=None,
-        prepare=digits.prepare),
-}
-
-
-def _recipe(name: str) -> _Recipe:
-  if name not in _RECIPES:
-    raise ValueError(
-        f"Unknown data set {name!r}; known: {', '.join(sorted(_RECIPES))}.")
-  return _RECIPES[name]
-
-
-def default_dataset_config(name: str) -> ml_collections.ConfigDict:
-  """The dataset config with every field the pipeline reads, at its default.
-
-  Fields: name; data_dir (None: TFDS's default, `$TFDS_DATA_DIR` or
-  `~/tensorflow_datasets`); train_split; eval_split; image_size (None: the
-  data set's own, 224 / 32 / 8); augment (train augmentation on/off);
-  shuffle_buffer_size (None: the whole per-process train split).
-
-  Args:
-    name: 'digits', 'cifar10' or 'imagenet2012'.
-
-  Returns:
-    A new ConfigDict.
-  """
-  recipe = _recipe(name)
-  return ml_collections.ConfigDict({
-      "name": name,
-      # Typed placeholders (None until set) so --config.dataset.X=... works.
-      "data_dir": config_dict.placeholder(str),
-      "train_split": "train",
-      "eval_split": recipe.eval_split,
-      "image_size": config_dict.placeholder(int),
-      "augment": True,
-      "shuffle_buffer_size": config_dict.FieldReference(
-          recipe.shuffle_buffer_size, field_type=int),
-  })
-
-
 def _complete(dataset_cfg: ml_collections.ConfigDict
               ) -> ml_collections.ConfigDict:
   """`dataset_cfg` over `default_dataset_config(dataset_cfg.name)`."""
@@ -345,7 +122,7 @@ def _complete(dataset_cfg: ml_collections.ConfigDict
 
 def _builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder; raises DatasetNotFoundError if there is none."""
-  recipe = _recipe(cfg.name)
+  recipe = preprocess.get_recipe(cfg.name)
   if recipe.prepare:
     return recipe.prepare(cfg.data_dir)
   builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
@@ -358,7 +135,7 @@ def _builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 
 def _image_size(cfg: ml_collections.ConfigDict) -> int:
-  return cfg.image_size or _recipe(cfg.name).image_size
+  return cfg.image_size or preprocess.get_recipe(cfg.name).image_size
 
 
 def _info(cfg: ml_collections.ConfigDict,
@@ -367,7 +144,7 @@ def _info(cfg: ml_collections.ConfigDict,
   return DatasetInfo(
       name=cfg.name,
       num_classes=builder.info.features["label"].num_classes,
-      image_shape=(size, size, _recipe(cfg.name).channels),
+      image_shape=(size, size, preprocess.get_recipe(cfg.name).channels),
       num_train=builder.info.splits[cfg.train_split].num_examples,
       num_eval=builder.info.splits[cfg.eval_split].num_examples)
 
@@ -431,10 +208,6 @@ def _process_slot(global_batch_size: int,
   return start // local, count
 
 
-def _normalise(images: tf.Tensor, recipe: _Recipe) -> tf.Tensor:
-  return (images - tf.constant(recipe.mean)) / tf.constant(recipe.std)
-
-
 def _to_global(batch: Batch, sharding: Optional[jax.sharding.Sharding]
                ) -> Batch:
   """Per-process numpy batch -> global jax.Arrays laid out by `sharding`."""
@@ -444,7 +217,8 @@ def _to_global(batch: Batch, sharding: Optional[jax.sharding.Sharding]
           for k, v in batch.items()}
 
 
-def _read(builder: tfds.core.DatasetBuilder, split: Any, recipe: _Recipe,
+def _read(builder: tfds.core.DatasetBuilder, split: Any,
+          recipe: preprocess.Recipe,
           shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
   """(recipe.decode(image), int32 label) pairs of `split`.
 
@@ -509,7 +283,7 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
   steps = steps_per_epoch(info, global_batch_size)
   slot, num_slots = _process_slot(global_batch_size, sharding)
   local_batch = global_batch_size // num_slots
-  recipe = _recipe(cfg.name)
+  recipe = preprocess.get_recipe(cfg.name)
   size = _image_size(cfg)
   first_epoch, skip_steps = divmod(start_step, steps)
 
@@ -544,7 +318,7 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
         tf.data.Dataset.range(num_examples),
         records.shuffle(buffer_size, seed=shuffle_seed).take(num_examples))
 
-  def preprocess(augment_seed, position, example) -> Batch:
+  def prepare_example(augment_seed, position, example) -> Batch:
     images, labels = example
     if not cfg.augment:
       images = recipe.eval(images, size)
@@ -557,7 +331,7 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
                             offset=tf.cast(offset, tf.int32))
     else:
       images = recipe.train(images, size, tf.stack([augment_seed, position]))
-    return {"image": _normalise(images, recipe), "label": labels}
+    return {"image": preprocess.normalise(images, recipe), "label": labels}
 
   def to_batches(examples: tf.data.Dataset, skip: int) -> Iterator[Batch]:
     # Skip before augmenting: resuming does not redo the skipped examples.
@@ -567,11 +341,11 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
           position % stream_batch // local_batch, slot))
     if recipe.batched:
       ds = ds.batch(local_batch, drop_remainder=True).map(
-          lambda seeds, positions, batch: preprocess(seeds[0], positions[0],
+          lambda seeds, positions, batch: prepare_example(seeds[0], positions[0],
                                                      batch),
           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
-      ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+      ds = ds.map(prepare_example, num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True)
       ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
@@ -627,25 +401,25 @@ def eval_iterator(dataset_cfg: ml_collections.ConfigDict, *,
   local_batch = global_batch_size // num_slots
   num_examples = builder.info.splits[split].num_examples
   num_batches = math.ceil(math.ceil(num_examples / num_slots) / local_batch)
-  recipe = _recipe(cfg.name)
+  recipe = preprocess.get_recipe(cfg.name)
   size = _image_size(cfg)
 
-  def preprocess(example: Batch) -> Batch:
+  def prepare_example(example: Batch) -> Batch:
     images = recipe.eval(example["image"], size)
-    return {**example, "image": _normalise(images, recipe)}
+    return {**example, "image": preprocess.normalise(images, recipe)}
 
   host_split = tfds.even_splits(split, n=num_slots)[slot]
   ds = _read(builder, host_split, recipe).map(
       lambda image, label: {"image": image, "label": label, "mask": True})
   if not recipe.batched:
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+    ds = ds.map(prepare_example, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
   padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(
       lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec))
   ds = ds.concatenate(padding.repeat()).take(num_batches * local_batch)
   ds = ds.batch(local_batch)
   if recipe.batched:
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+    ds = ds.map(prepare_example, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return (_to_global(batch, sharding) for batch in ds.as_numpy_iterator())
