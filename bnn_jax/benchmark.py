@@ -6,7 +6,9 @@
 
 The step is `train_step.make_train_step` (forward, backward, optimizer
 update, BatchNorm statistics), jitted with the state donated as in training, on
-random images and labels already on the device:
+random images and labels already on the device (one fixed batch, or with
+`--fresh_batches` a new one per step, generated on the device outside the
+timed step):
 
 * step1: binary activations, real weights, Adam with coupled L2 decay 5e-6;
   step2: binary activations and weights, Adam without decay (SPEC §3).
@@ -16,6 +18,11 @@ random images and labels already on the device:
 Measured:
 
 * compile: `jax.jit(step).lower(...)` and `.compile()` wall times (AOT).
+* finiteness: every step's `finite` metric (loss, max |g|, max |W|); the
+  run stops at the first non-finite step, reports it as
+  `first_nonfinite_step` (JSON) and exits 1; `loss_per_step` and
+  `grad_max_abs_per_step` list the loss and max |g| of every step run,
+  warm-up included.
 * step time: the median (and min, mean) of `--steps` steps after `--warmup`
   steps, each timed to `jax.block_until_ready`; images/s = batch / median.
   Also the process CPU time per step (all threads): on a shared machine it
@@ -78,6 +85,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 2, "Untimed steps before timing.")
   flags.DEFINE_integer("num_classes", 1000, "Classes of student and teacher.")
   flags.DEFINE_integer("input_channels", 3, "Input channels.")
+  flags.DEFINE_bool("fresh_batches", False,
+                    "Train every step on a new random batch generated on the "
+                    "device (not one fixed batch); the batch generation is "
+                    "not timed.")
   flags.DEFINE_enum("cpu_malloc", "reuse", list(malloc_defaults.MODES),
                     "On a CPU-only host: 'reuse' keeps XLA's step buffers "
                     "mapped between steps (bnn_jax.malloc_defaults), "
@@ -124,11 +135,26 @@ def peak_memory_bytes(stats: Any) -> int:
              + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
+class NonFiniteError(RuntimeError):
+  """A benchmarked step produced NaN/Inf; `result` holds the measurements."""
+
+  def __init__(self, message: str, result: dict):
+    super().__init__(message)
+    self.result = result
+
+
 def run_benchmark(model_name: str, batch: int, input_size: int,
                   phase: str = "step2", dtype: str = "float32",
                   teacher_name: str = "", steps: int = 10, warmup: int = 2,
-                  num_classes: int = 1000, input_channels: int = 3) -> dict:
-  """Compiles and times the training step; returns the measurements."""
+                  num_classes: int = 1000, input_channels: int = 3,
+                  fresh_batches: bool = False) -> dict:
+  """Compiles and times the training step; returns the measurements.
+
+  Every step's `finite` metric (loss, max |gradient|, max |parameter|) is
+  checked; the run stops at the first non-finite step (counted from 1 over
+  warm-up and timed steps) and raises `NonFiniteError`, which carries the
+  result with `first_nonfinite_step` and that step's metrics.
+  """
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -174,11 +200,24 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
                                  opt_state=tx.init(variables["params"]))
 
   state = jax.jit(init_state)(jax.random.key(0))
-  k_img, k_lab = jax.random.split(jax.random.key(2))
-  batch_data = {
-      "image": jax.random.normal(k_img, (batch,) + shape, jnp.float32),
-      "label": jax.random.randint(k_lab, (batch,), 0, num_classes, jnp.int32),
-  }
+
+  @jax.jit
+  def random_batch(key):
+    k_img, k_lab = jax.random.split(key)
+    return {
+        "image": jax.random.normal(k_img, (batch,) + shape, jnp.float32),
+        "label": jax.random.randint(k_lab, (batch,), 0, num_classes,
+                                    jnp.int32),
+    }
+
+  batch_data = random_batch(jax.random.key(2))
+
+  def batch_for(step):  # step counts from 1
+    if not fresh_batches:
+      return batch_data
+    return jax.block_until_ready(
+        random_batch(jax.random.fold_in(jax.random.key(2), step)))
+
   step_fn = jax.jit(train_step.make_train_step(model, tx, loss_cfg, teacher),
                     donate_argnums=(0,))
 
@@ -188,26 +227,44 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
   compiled = lowered.compile()
   t2 = time.perf_counter()
 
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch_data, teacher_vars)
-  jax.block_until_ready((state, metrics))
+  first_nonfinite = None
+  bad_metrics = None
+  losses_per_step = []
+  grad_max_abs_per_step = []
+
+  def check(step, metrics):
+    nonlocal first_nonfinite, bad_metrics
+    metrics = jax.device_get(metrics)
+    losses_per_step.append(float(metrics["train/loss"]))
+    grad_max_abs_per_step.append(float(metrics["train/grad_max_abs"]))
+    if not bool(metrics["finite"]):
+      first_nonfinite = step
+      bad_metrics = {k: float(v) for k, v in metrics.items()
+                     if k.startswith("train/")}
+    return first_nonfinite is None
+
+  for i in range(1, warmup + 1):
+    state, metrics = compiled(state, batch_for(i), teacher_vars)
+    if not check(i, metrics):
+      break
+  jax.block_until_ready(state)
   times = []
   cpu_start = time.process_time()
   faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(steps):
+  for i in range(warmup + 1, warmup + steps + 1):
+    if first_nonfinite is not None:
+      break
+    data = batch_for(i)
     start = time.perf_counter()
-    state, metrics = compiled(state, batch_data, teacher_vars)
+    state, metrics = compiled(state, data, teacher_vars)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
-  cpu_per_step = (time.process_time() - cpu_start) / steps
+    check(i, metrics)
+  timed = max(len(times), 1)
+  cpu_per_step = (time.process_time() - cpu_start) / timed
   faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                     - faults_start) / steps
-  if not bool(jax.device_get(metrics["finite"])):
-    shown = {k: float(v) for k, v in jax.device_get(metrics).items()
-             if k.startswith("train/")}
-    raise RuntimeError(f"the benchmarked step produced NaN/Inf in the loss, "
-                       f"the gradients or the parameters; last step's "
-                       f"metrics: {shown}")
+                     - faults_start) / timed
+  times = times or [float("nan")]
 
   median = statistics.median(times)
   device = jax.devices()[0]
@@ -218,7 +275,7 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
                                batch)
   peak = None if device.platform == "cpu" else peak_flops(device.device_kind,
                                                           dtype)
-  return {
+  result = {
       "model": model_name, "phase": phase, "teacher": teacher_name or None,
       "batch": batch, "input_size": input_size, "dtype": dtype,
       "num_classes": num_classes,
@@ -242,7 +299,18 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
       "max_rss_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                         * 1024),
       "load_average": os.getloadavg()[0],
+      "fresh_batches": fresh_batches,
+      "finite": first_nonfinite is None,
+      "first_nonfinite_step": first_nonfinite,
+      "loss_per_step": losses_per_step,
+      "grad_max_abs_per_step": grad_max_abs_per_step,
   }
+  if first_nonfinite is not None:
+    raise NonFiniteError(
+        f"step {first_nonfinite} of {warmup + steps} produced NaN/Inf in the "
+        f"loss, the gradients or the parameters; its metrics: {bad_metrics}",
+        result)
+  return result
 
 
 def format_line(r: dict) -> str:
@@ -264,11 +332,18 @@ def main(argv):
   del argv
   # Before JAX's backend starts its threads.
   malloc_defaults.apply(FLAGS.cpu_malloc)
-  result = run_benchmark(
-      FLAGS.model, FLAGS.batch, FLAGS.input_size, phase=FLAGS.phase,
-      dtype=FLAGS.dtype, teacher_name=FLAGS.teacher, steps=FLAGS.steps,
-      warmup=FLAGS.warmup, num_classes=FLAGS.num_classes,
-      input_channels=FLAGS.input_channels)
+  try:
+    result = run_benchmark(
+        FLAGS.model, FLAGS.batch, FLAGS.input_size, phase=FLAGS.phase,
+        dtype=FLAGS.dtype, teacher_name=FLAGS.teacher, steps=FLAGS.steps,
+        warmup=FLAGS.warmup, num_classes=FLAGS.num_classes,
+        input_channels=FLAGS.input_channels,
+        fresh_batches=FLAGS.fresh_batches)
+  except NonFiniteError as e:
+    if FLAGS.json:
+      print(json.dumps(e.result), flush=True)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   print(json.dumps(result) if FLAGS.json else format_line(result), flush=True)
   sys.exit(0)
 

@@ -75,8 +75,22 @@ def _sign_bwd(zero_to, _, g):
 sign.defvjp(_sign_fwd, _sign_bwd)
 
 
+def _masked_product(g: jax.Array, pseudo: jax.Array) -> jax.Array:
+  """g * pseudo where pseudo != 0, exactly 0 elsewhere, in g's dtype.
+
+  Outside a pseudo-gradient's window the gradient is 0 whatever arrives
+  from above: `g * 0` would turn an infinite g into NaN (IEEE inf * 0), and
+  a NaN in one example's gradient spreads to every weight through the
+  batch sums of the layers below. Inside the window the product is taken
+  in float32 (g may be bfloat16) and rounded once to g's dtype.
+  """
+  pseudo = pseudo.astype(jnp.float32)
+  product = g.astype(jnp.float32) * pseudo
+  return jnp.where(pseudo != 0, product, 0.0).astype(g.dtype)
+
+
 def _sign_with_pseudo_gradient(pseudo_grad):
-  """f(x, param, zero_to): forward sign(x), backward g * pseudo_grad(x, param).
+  """f(x, param, zero_to): forward sign(x), backward `_masked_product(g, pseudo_grad(x, param))`.
 
   `param` (a clip, a beta or None) and `zero_to` are static Python values.
   """
@@ -91,7 +105,7 @@ def _sign_with_pseudo_gradient(pseudo_grad):
 
   def bwd(param, zero_to, x, g):
     del zero_to
-    return (g * pseudo_grad(x, param).astype(g.dtype),)
+    return (_masked_product(g, pseudo_grad(x.astype(jnp.float32), param)),)
 
   f.defvjp(fwd, bwd)
   return f
@@ -181,7 +195,7 @@ def _scale_per_output_channel(w: jax.Array) -> jax.Array:
 def _clamp_ste_bwd(w: jax.Array, g: jax.Array) -> jax.Array:
   """Gradient of clamp(w, -1, 1) as torch computes it: 1 on [-1, 1] inclusive."""
   inside = (w >= -1) & (w <= 1)  # jnp.clip's grad would be 0.5 at +-1
-  return jnp.where(inside, g, jnp.zeros_like(g))
+  return jnp.where(inside, g, jnp.zeros_like(g))  # where, never g * 0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -7,7 +7,8 @@ A run config:
   batch_size              global training batch (all devices, all hosts)
   eval_batch_size         global evaluation batch (the last one is padded)
   model.bn_group_size     per-group ("ghost") BatchNorm statistics; unset = global
-  model.dtype             computation dtype of every model ('float32', 'bfloat16')
+  model.dtype             computation dtype of every model ('float32', 'bfloat16'),
+                          unless its phase sets phases.<name>.model.dtype
   phase_order             comma-separated phase names, run in order
   phases.<name>           one phase (below)
   log_every_steps, eval_every_epochs, checkpoint_every_steps, keep_checkpoints
@@ -24,7 +25,10 @@ A run config:
 
 A phase config:
 
-  model                   name (bnn_jax.models.MODELS) + attribute overrides
+  model                   name (bnn_jax.models.MODELS) + attribute overrides;
+                          model.dtype: this phase's computation dtype (unset =
+                          config.model.dtype). A KD teacher runs in its own
+                          phase's dtype (docs/performance.md, precision policy)
   num_epochs              epochs (converted to steps at run time; 0 = only
                           load `init_from` and evaluate)
   optimizer               see `optim.default_optimizer_config`
@@ -82,6 +86,7 @@ def phase_config(model_name: str, num_epochs: int,
                      f"valid: {sorted(attributes)}")
   attributes.update(model_attributes)
   phase.model = ml_collections.ConfigDict(dict(name=model_name, **attributes))
+  phase.model.dtype = config_dict.placeholder(str)
   phase.num_epochs = num_epochs
   phase.optimizer = optim.default_optimizer_config()
   phase.loss = losses.default_loss_config()

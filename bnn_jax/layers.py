@@ -22,6 +22,7 @@ code that binarises activations on their own.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -39,13 +40,25 @@ def reference_kernel_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, 0.0, 1e-3)
 
 
+def _float32(x: Array) -> Array:
+  """x in at least float32 (bfloat16 and float16 are widened, float64 kept)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class Shift(nn.Module):
-  """y = x + b with a learnable per-channel (last axis) shift b, init 0."""
+  """y = x + b with a learnable per-channel (last axis) shift b, init 0.
+
+  The sum is computed and returned in float32 whatever x's dtype: a shift
+  precedes a sign (RSign), and in bfloat16 a shift smaller than half an ulp
+  of x would vanish (x + b rounds back to x) although it decides the sign of
+  x + b near zero. The binariser's +-1 output is exact in any dtype, so the
+  conv after it still runs in the compute dtype.
+  """
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b = self.param("shift", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
-    return x + b.astype(x.dtype)
+    return _float32(x) + b
 
 
 class RSign(nn.Module):
@@ -68,7 +81,8 @@ class RPReLU(nn.Module):
   """RPReLU(x) = PReLU(x + b1) + b2, PReLU(z) = max(z, 0) + a * min(z, 0).
 
   Per-channel b1 (`shift_in`, init 0), a (`slope`, init 0.25), b2
-  (`shift_out`, init 0).
+  (`shift_out`, init 0). Computed in float32 (b1 decides the sign of x + b1,
+  which picks the slope; see `Shift`), returned in x's dtype.
   """
   slope_init: float = 0.25
 
@@ -79,9 +93,9 @@ class RPReLU(nn.Module):
     slope = self.param("slope", nn.initializers.constant(self.slope_init), (c,),
                        jnp.float32)
     shift_out = self.param("shift_out", nn.initializers.zeros, (c,), jnp.float32)
-    z = x + shift_in.astype(x.dtype)
-    z = jnp.where(z >= 0, z, slope.astype(x.dtype) * z)
-    return z + shift_out.astype(x.dtype)
+    z = _float32(x) + shift_in
+    z = jnp.where(z >= 0, z, slope * z)
+    return (z + shift_out).astype(x.dtype)
 
 
 # Maps at most this size (H and W) run a k x k conv (k > 1) as im2col + one
@@ -90,7 +104,8 @@ class RPReLU(nn.Module):
 SMALL_MAP_SIZE = 4
 
 
-def _conv2d_im2col(x: Array, kernel: Array, strides: int, padding: int) -> Array:
+def _conv2d_im2col(x: Array, kernel: Array, strides: int, padding: int,
+                   preferred_element_type: Optional[Dtype] = None) -> Array:
   """conv(x, kernel) as k*k strided slices concatenated on channels, then one matmul.
 
   y[n, i, j, o] = sum_{a, b, c} xpad[n, s*i + a, s*j + b, c] * kernel[a, b, c, o]
@@ -104,23 +119,58 @@ def _conv2d_im2col(x: Array, kernel: Array, strides: int, padding: int) -> Array
           b:b + strides * (out_w - 1) + 1:strides, :]
        for a in range(k) for b in range(k)], axis=-1)
   return jnp.einsum("nhwc,co->nhwo", patches,
-                    kernel.reshape(k * k * kernel.shape[2], kernel.shape[3]))
+                    kernel.reshape(k * k * kernel.shape[2], kernel.shape[3]),
+                    preferred_element_type=preferred_element_type)
 
 
-def conv2d_nhwc(x: Array, kernel: Array, strides: int, padding: int) -> Array:
+def conv2d_nhwc(x: Array, kernel: Array, strides: int, padding: int,
+                preferred_element_type: Optional[Dtype] = None) -> Array:
   """2-D convolution, NHWC input, HWIO kernel, zero padding `padding`.
 
   Small maps (H, W <= SMALL_MAP_SIZE, kernel > 1x1) use `_conv2d_im2col`,
   everything else `lax.conv_general_dilated`; both compute the same sum.
+  `preferred_element_type` is the output dtype (None: the operands').
   """
   k = kernel.shape[0]
   if k > 1 and max(x.shape[1], x.shape[2]) <= SMALL_MAP_SIZE:
-    return _conv2d_im2col(x, kernel, strides, padding)
+    return _conv2d_im2col(x, kernel, strides, padding, preferred_element_type)
   return jax.lax.conv_general_dilated(
       x, kernel,
       window_strides=(strides, strides),
       padding=((padding, padding), (padding, padding)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_float32_sum(x: Array, kernel: Array, strides: int,
+                       padding: int) -> Array:
+  """`conv2d_nhwc` of low-precision operands, its sum returned in float32.
+
+  forward:  the float32 accumulator of the conv, not rounded to the
+            operands' dtype (a BatchNorm follows every conv: rounding to
+            bfloat16 first would erase a spread below half an ulp of the
+            channel's mean, and a channel whose spread vanishes has
+            var_B = 0, which multiplies the gradient through the BN by
+            scale / sqrt(eps) ~ 316 scale).
+  backward: the cotangent is rounded to the operands' dtype and goes through
+            the plain conv's VJP, so both backward convolutions run in that
+            dtype, as they would without this function.
+  """
+  return conv2d_nhwc(x, kernel, strides, padding, jnp.float32)
+
+
+def _conv2d_float32_sum_fwd(x, kernel, strides, padding):
+  return conv2d_float32_sum(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_float32_sum_bwd(strides, padding, residuals, g):
+  x, kernel = residuals
+  _, vjp = jax.vjp(lambda a, b: conv2d_nhwc(a, b, strides, padding), x, kernel)
+  return vjp(g.astype(x.dtype))
+
+
+conv2d_float32_sum.defvjp(_conv2d_float32_sum_fwd, _conv2d_float32_sum_bwd)
 
 
 # Name of the statistics BinaryConv sows into the 'intermediates' collection.
@@ -171,7 +221,9 @@ class BinaryConv(nn.Module):
       alpha * sign(W), the reference), or None for real weights (step 1).
     zero_to: sign(0) for both binarisers.
     kernel_init: initializer of the latent kernel (reference: U[0, 0.001)).
-    dtype: computation dtype (parameters stay float32).
+    dtype: computation dtype of the conv's operands (parameters stay
+      float32). Below float32 the output is the float32 sum
+      (`conv2d_float32_sum`), for the BatchNorm after it.
   """
   features: int
   kernel_size: int = 3
@@ -207,8 +259,10 @@ class BinaryConv(nn.Module):
                  binarizer_input_stats(binarize, x))
       x = binarize(x)
     pad = (k - 1) // 2 if self.padding is None else self.padding
-    return conv2d_nhwc(x.astype(self.dtype), kernel.astype(self.dtype),
-                       self.strides, pad)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if jnp.dtype(self.dtype).itemsize < 4:
+      return conv2d_float32_sum(x, kernel, self.strides, pad)
+    return conv2d_nhwc(x, kernel, self.strides, pad)
 
 
 class BatchNorm(nn.Module):
@@ -227,16 +281,24 @@ class BatchNorm(nn.Module):
 
   Parameter and statistic names follow flax: params {scale, bias},
   batch_stats {mean, var}. momentum 0.9 here is torch's momentum 0.1.
-  Statistics are computed in float32 whatever the input dtype.
+  Statistics and the normalisation (train and eval) are computed in float32
+  whatever the input dtype; the output is rounded once to `dtype` (None:
+  the input's dtype). The models give it their compute dtype and feed it the
+  float32 conv sums (`conv2d_float32_sum`).
+  Eval mode is not folded into a bfloat16 x * s + t: when the mean is large
+  against the spread, the two large terms cancel and bfloat16 keeps none of
+  the difference.
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
   group_size: Optional[int] = None
   scale_init: Callable[..., Array] = nn.initializers.ones
+  dtype: Optional[Dtype] = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     c = x.shape[-1]
+    out_dtype = x.dtype if self.dtype is None else self.dtype
     scale = self.param("scale", self.scale_init, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean",
@@ -246,7 +308,7 @@ class BatchNorm(nn.Module):
     if not train:
       mean, var = ra_mean.value, ra_var.value
       inv = jax.lax.rsqrt(var + self.epsilon) * scale
-      return (x * inv.astype(x.dtype) + (bias - mean * inv).astype(x.dtype))
+      return ((_float32(x) - mean) * inv + bias).astype(out_dtype)
 
     xf = x.astype(jnp.float32)
     batch = x.shape[0]
@@ -267,4 +329,4 @@ class BatchNorm(nn.Module):
           mean.reshape(-1, c), axis=0)
       ra_var.value = m * ra_var.value + (1 - m) * unbias * jnp.mean(
           var.reshape(-1, c), axis=0)
-    return y.reshape(x.shape).astype(x.dtype)
+    return y.reshape(x.shape).astype(out_dtype)

@@ -62,7 +62,9 @@ def distillation_loss(student_logits: Array, teacher_logits: Array,
       jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature)
   log_probs = jax.nn.log_softmax(
       student_logits.astype(jnp.float32) / temperature)
-  return masked_mean(-jnp.sum(teacher_probs * log_probs, axis=-1), mask)
+  # Classes the teacher gives probability 0 contribute 0 (not 0 * -inf).
+  terms = jnp.where(teacher_probs > 0, teacher_probs * log_probs, 0.0)
+  return masked_mean(-jnp.sum(terms, axis=-1), mask)
 
 
 def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0,
@@ -164,26 +166,39 @@ def combined_loss(loss_cfg: ConfigLike, student_logits: Array, labels: Array,
     teacher_logits: (batch, classes); required when kd_weight > 0.
     mask: (batch,) 0/1 weights of real examples, or None.
 
+  A term whose weight is 0 is not part of L at all (not `0 * term`, which is
+  NaN once the term is infinite, and whose gradient is NaN likewise); it is
+  still reported in the components, computed on `stop_gradient` logits so
+  nothing of it reaches the gradient.
+
   Returns:
     (L, components): components has 'loss' (= L), 'ce_loss' (the configured
     cross-entropy, reported even at weight 0) and, when teacher logits are
-    given, 'kd_loss'.
+    given, 'kd_loss' (reported even at weight 0).
 
   Raises:
     ValueError: kd_weight > 0 without teacher logits, or a bad config.
   """
   cfg = resolve_loss_config(loss_cfg)
-  ce = cross_entropy(student_logits, labels, cfg.label_smoothing, mask)
+  if teacher_logits is None and cfg.kd_weight > 0:
+    raise ValueError(f"loss.kd_weight={cfg.kd_weight} needs teacher logits; "
+                     "give the phase a teacher or set kd_weight=0")
+  reported = jax.lax.stop_gradient(student_logits)
+  terms = []  # (weight, value) of the terms with a positive weight
+  ce = cross_entropy(student_logits if cfg.ce_weight > 0 else reported,
+                     labels, cfg.label_smoothing, mask)
   components = {"ce_loss": ce}
-  loss = cfg.ce_weight * ce
-  if teacher_logits is None:
-    if cfg.kd_weight > 0:
-      raise ValueError(f"loss.kd_weight={cfg.kd_weight} needs teacher logits; "
-                       "give the phase a teacher or set kd_weight=0")
-  else:
-    kd = distillation_loss(student_logits, teacher_logits, cfg.temperature,
-                           mask)
+  if cfg.ce_weight > 0:
+    terms.append((cfg.ce_weight, ce))
+  if teacher_logits is not None:
+    kd = distillation_loss(student_logits if cfg.kd_weight > 0 else reported,
+                           teacher_logits, cfg.temperature, mask)
     components["kd_loss"] = kd
-    loss = loss + cfg.kd_weight * kd
+    if cfg.kd_weight > 0:
+      terms.append((cfg.kd_weight, kd))
+  # resolve_loss_config guarantees at least one positive weight.
+  loss = terms[0][0] * terms[0][1]
+  for weight, value in terms[1:]:
+    loss = loss + weight * value
   components["loss"] = loss
   return loss, components

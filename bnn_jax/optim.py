@@ -52,8 +52,10 @@ not exist") on the binary kernels, Adam on every other parameter.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -63,6 +65,8 @@ import optax
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "bop")
 WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 SCHEDULES = ("linear_epoch", "linear", "cosine", "constant")
+# Optimizers dividing by sqrt(v) + eps.
+ADAPTIVE_OPTIMIZERS = ("adam", "adamw", "lamb", "bop")  # bop: Adam on the rest
 
 # Leaf names of the learnable shifts (layers.Shift, layers.RPReLU).
 SHIFT_PARAM_NAMES = ("shift", "shift_in", "shift_out")
@@ -143,7 +147,13 @@ def resolve_config(opt_cfg: ConfigLike) -> ml_collections.FrozenConfigDict:
                "> 0")
   for field in ("b1", "b2", "momentum"):
     _check_range(field, c[field], 0 <= c[field] < 1, "in [0, 1)")
-  _check_range("eps", c["eps"], c["eps"] >= 0, ">= 0")
+  if c["name"] in ADAPTIVE_OPTIMIZERS:
+    # m / (sqrt(v) + eps) with eps = 0 is 0 / 0 = NaN for a parameter whose
+    # gradients have all been 0 (v = 0), and unbounded for tiny ones.
+    _check_range("eps", c["eps"], c["eps"] > 0,
+                 f"> 0 for {c['name']} (default 1e-8)")
+  else:
+    _check_range("eps", c["eps"], c["eps"] >= 0, ">= 0")
   _check_range("weight_decay", c["weight_decay"], c["weight_decay"] >= 0,
                ">= 0")
   _check_range("warmup_epochs", c["warmup_epochs"], c["warmup_epochs"] >= 0,
@@ -458,6 +468,28 @@ def build_schedule(opt_cfg: ConfigLike, *, steps_per_epoch: int,
     return decay
   return optax.join_schedules(
       [optax.linear_schedule(0.0, base, warmup_steps), decay], [warmup_steps])
+
+
+def warn_if_no_training(opt_cfg: ConfigLike, num_epochs: int,
+                        where: str = "config.phases.<name>"
+                        ) -> Optional[str]:
+  """Warns (and returns the message) when a phase would train at lr 0 only.
+
+  `linear_epoch` runs epoch e at base * (1 - (e + 1) / E): with E = 1 decay
+  epoch (num_epochs - warmup_epochs == 1) every step has learning rate 0,
+  so the phase changes nothing but the BatchNorm statistics. That is the
+  reference's definition, kept; the warning says how to get a real rate.
+  """
+  cfg = resolve_config(opt_cfg)
+  if cfg.schedule != "linear_epoch" or num_epochs - cfg.warmup_epochs != 1:
+    return None
+  message = (f"{where}: schedule 'linear_epoch' over 1 epoch trains at "
+             "learning rate 0 (epoch e runs at base * (1 - (e + 1) / E)); "
+             f"set --{where}.optimizer.schedule=linear (or constant), "
+             "or more epochs")
+  logging.warning("%s", message)
+  warnings.warn(message, UserWarning, stacklevel=2)
+  return message
 
 
 def learning_rate(opt_state: optax.OptState) -> jax.Array:

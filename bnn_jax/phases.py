@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,20 @@ def phase_names(config: ml_collections.ConfigDict) -> list[str]:
   return names
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _check_dtype(field: str, value: Any) -> None:
+  """ValueError unless `value` names a compute dtype of COMPUTE_DTYPES."""
+  try:
+    name = jnp.dtype(value).name
+  except TypeError:
+    name = None
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"{field}={value!r} is not a dtype; use 'float32' or "
+                     "'bfloat16'")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the whole run's config before anything trains; ValueError names the fix.
 
@@ -84,11 +98,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.bn_group_size={group} must divide the "
                      f"per-device batch {per_device} (batch_size "
                      f"{config.batch_size} over {devices} devices)")
-  try:
-    jnp.dtype(config.model.dtype)
-  except TypeError:
-    raise ValueError(f"config.model.dtype={config.model.dtype!r} is not a "
-                     "dtype; use 'float32' or 'bfloat16'") from None
+  _check_dtype("config.model.dtype", config.model.dtype)
   malloc_defaults.check_mode(config.cpu_malloc)
   info = input_pipeline.get_info(config.dataset)
   input_pipeline.steps_per_epoch(info, config.batch_size)
@@ -113,7 +123,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if phase.teacher and phase.teacher not in names[:index]:
       raise ValueError(f"phase {name!r} distils from {phase.teacher!r}, which "
                        f"is not an earlier phase of phase_order {names}")
+    if phase.model.get("dtype") is not None:
+      _check_dtype(f"{where}.model.dtype", phase.model.dtype)
     optim.resolve_config(phase.optimizer)
+    optim.warn_if_no_training(phase.optimizer, phase.num_epochs, where)
     loss_cfg = losses.resolve_loss_config(phase.loss)
     if loss_cfg.kd_weight > 0 and not phase.teacher:
       raise ValueError(f"phase {name!r} has loss.kd_weight={loss_cfg.kd_weight}"

@@ -91,8 +91,13 @@ def make_mesh(devices=None) -> Mesh:
 def build_model(config: ml_collections.ConfigDict,
                 model_cfg: ml_collections.ConfigDict,
                 num_classes: int) -> nn.Module:
-  """The phase's model: `model_cfg` (name + attributes) + the shared `config.model`."""
-  overrides = {k: v for k, v in model_cfg.items() if k != "name"}
+  """The phase's model: `model_cfg` (name + attributes) + the shared `config.model`.
+
+  An attribute set in `model_cfg` wins over the shared one; an unset (None)
+  `model_cfg.dtype` takes `config.model.dtype`.
+  """
+  overrides = {k: v for k, v in model_cfg.items()
+               if k != "name" and not (k == "dtype" and v is None)}
   shared = dict(config.model)
   fields = models.model_fields(model_cfg.name)
   for key, value in shared.items():

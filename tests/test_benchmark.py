@@ -88,3 +88,39 @@ def test_cli_json_without_tensorflow():
       "reactnet_small", 8, 1)
   assert result["mallopt"] == []  # --cpu_malloc=glibc
   assert json.loads(imported_line) == []
+
+
+def test_fresh_batches_and_the_first_nonfinite_step(monkeypatch):
+  """--fresh_batches trains on a new batch each step (the fixed-batch run's
+  losses differ from step 2 on); a step whose `finite` metric is false stops
+  the run with its number (counted from 1, warm-up included)."""
+  kwargs = dict(model_name="reactnet_small", batch=8, input_size=8,
+                phase="step1", teacher_name="resnet_small", steps=2, warmup=1,
+                num_classes=10, input_channels=1)
+  fixed = benchmark.run_benchmark(**kwargs)
+  fresh = benchmark.run_benchmark(**kwargs, fresh_batches=True)
+  for r in (fixed, fresh):
+    assert r["finite"] and r["first_nonfinite_step"] is None
+    assert len(r["loss_per_step"]) == len(r["grad_max_abs_per_step"]) == 3
+  assert fresh["fresh_batches"] and not fixed["fresh_batches"]
+  assert fresh["loss_per_step"][0] != fixed["loss_per_step"][0]
+
+  from bnn_jax import train_step
+  real = train_step.make_train_step
+
+  def failing_from_step_2(*args):
+    step = real(*args)
+
+    def wrapped(state, batch, teacher_variables):
+      state, metrics = step(state, batch, teacher_variables)
+      return state, {**metrics, "finite": state.step < 2}
+
+    return wrapped
+
+  monkeypatch.setattr(train_step, "make_train_step", failing_from_step_2)
+  with pytest.raises(benchmark.NonFiniteError,
+                     match=r"^step 2 of 3 produced NaN/Inf") as info:
+    benchmark.run_benchmark(**kwargs, fresh_batches=True)
+  assert info.value.result["first_nonfinite_step"] == 2
+  assert not info.value.result["finite"]
+  assert len(info.value.result["loss_per_step"]) == 2

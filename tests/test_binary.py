@@ -123,3 +123,54 @@ def test_unknown_names():
     binary.get_activation_binarizer("aprox_sign")
   with pytest.raises(ValueError, match="scaled_sign"):
     binary.get_weight_binarizer("scaled")
+
+
+# Inside-window test per binariser: the pseudo-gradient is nonzero exactly
+# where this holds (approx_sign's 2 - 2|x| is 0 at x = -1, its window edge).
+_WINDOWS = {
+    "ste_sign": lambda x: np.abs(x) <= 1.0,
+    "approx_sign": lambda x: (x > -1.0) & (x < 1.0),
+    "sign_weights": lambda x: np.abs(x) <= 1.0,
+    "scaled_sign_weights": lambda x: np.abs(x) <= 1.0,
+}
+
+
+def _binarizer(name):
+  if name in ("sign_weights", "scaled_sign_weights"):
+    return getattr(binary, name)
+  return binary.get_activation_binarizer(name)
+
+
+@pytest.mark.parametrize("name", sorted(_WINDOWS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_infinite_cotangent_is_zero_outside_the_window(name, dtype):
+  """g = +inf: 0 outside the window (not inf * 0 = NaN), inf inside."""
+  fn = _binarizer(name)
+  x = jnp.asarray(X, dtype)
+  _, vjp = jax.vjp(fn, x)
+  (g,) = vjp(jnp.full(x.shape, jnp.inf, dtype))
+  g = np.asarray(g.astype(jnp.float32))
+  inside = _WINDOWS[name](np.asarray(x.astype(jnp.float32)))
+  assert g.dtype == np.float32 and inside.any() and (~inside).any()
+  np.testing.assert_array_equal(g[~inside], 0.0)
+  np.testing.assert_array_equal(g[inside], np.inf)
+
+
+@pytest.mark.parametrize("name", sorted(_WINDOWS))
+def test_finite_cotangent_exact_inside_the_window(name):
+  """g = 3: exactly 3 * the pseudo-gradient (the closed forms above)."""
+  fn = _binarizer(name)
+  _, vjp = jax.vjp(fn, jnp.asarray(X))
+  (g,) = vjp(jnp.full(X.shape, 3.0, jnp.float32))
+  np.testing.assert_array_equal(g, 3.0 * _grad(fn, X))
+  expected = {"approx_sign": np.where(np.abs(X) < 1, 2 - 2 * np.abs(X), 0.0)
+              }.get(name, _WINDOWS[name](X).astype(np.float32))
+  np.testing.assert_allclose(g, 3.0 * expected, rtol=1e-6)
+
+
+def test_swish_sign_underflowed_pseudo_gradient_is_zero_not_nan():
+  """At |beta x| > ~89, cosh overflows and the pseudo-gradient is -0: g = inf gives 0."""
+  x = jnp.asarray([-100.0, -0.25, 0.0, 0.25, 100.0])
+  _, vjp = jax.vjp(binary.swish_sign, x)
+  (g,) = vjp(jnp.full(x.shape, jnp.inf))
+  np.testing.assert_array_equal(g, [0.0, np.inf, np.inf, np.inf, 0.0])

@@ -173,8 +173,11 @@ def test_bfloat16_forward(name):
       capture_intermediates=True))(variables, x)
   assert logits.shape == (2, 10)
   assert np.all(np.isfinite(logits))
-  conv = "stem_conv" if name.startswith("reactnet") else "conv1"
-  assert state["intermediates"][conv]["__call__"][0].dtype == jnp.bfloat16
+  conv, bn = (("stem_conv", "stem_bn") if name.startswith("reactnet")
+              else ("conv1", "bn1"))
+  # The conv's float32 sum goes to the BN, which returns the compute dtype.
+  assert state["intermediates"][conv]["__call__"][0].dtype == jnp.float32
+  assert state["intermediates"][bn]["__call__"][0].dtype == jnp.bfloat16
 
 
 def test_create_rejects_unknown_names_and_attributes():

@@ -75,7 +75,8 @@ class ReActNetABlock(nn.Module):
                       dtype=self.dtype, name=name)
 
   def _bn(self, name):
-    return BatchNorm(group_size=self.bn_group_size, name=name)
+    return BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
+                     name=name)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -144,7 +145,8 @@ class ReActNetA(nn.Module):
                    input_binarizer=None, kernel_binarizer=None,
                    kernel_init=nn.initializers.kaiming_normal(),
                    dtype=self.dtype, name="stem_conv")(x)
-    x = BatchNorm(group_size=self.bn_group_size, name="stem_bn")(x, train)
+    x = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
+                  name="stem_bn")(x, train)
     for i, (c_out, s) in enumerate(
         zip(channels[1:], reactnet_a_strides(self.channels)), start=1):
       x = ReActNetABlock(
@@ -181,7 +183,8 @@ class ReActNet18Block(nn.Module):
                      kernel_binarizer=self.kernel_binarizer,
                      zero_to=self.zero_to, dtype=self.dtype,
                      name="binary_conv")(out)
-    out = BatchNorm(group_size=self.bn_group_size, name="bn1")(out, train)
+    out = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
+                    name="bn1")(out, train)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.out_channels:
       if self.strides != 1:
@@ -190,7 +193,7 @@ class ReActNet18Block(nn.Module):
                             input_binarizer=None, kernel_binarizer=None,
                             kernel_init=nn.initializers.kaiming_normal(),
                             dtype=self.dtype, name="downsample_conv")(shortcut)
-      shortcut = BatchNorm(group_size=self.bn_group_size,
+      shortcut = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
                            name="downsample_bn")(shortcut, train)
     return RPReLU(name="rprelu")(out + shortcut)
 
@@ -215,7 +218,8 @@ class ReActNet18(nn.Module):
                    input_binarizer=None, kernel_binarizer=None,
                    kernel_init=nn.initializers.kaiming_normal(),
                    dtype=self.dtype, name="conv1")(x)
-    x = BatchNorm(group_size=self.bn_group_size, name="bn1")(x, train)
+    x = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
+                  name="bn1")(x, train)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, c in enumerate(self.stage_channels):
       for j in range(self.blocks_per_stage):

@@ -38,14 +38,16 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     out = _conv(self.features, 3, self.strides, "conv1", self.dtype)(x)
-    out = nn.relu(BatchNorm(group_size=self.bn_group_size, name="bn1")(out, train))
+    out = nn.relu(BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
+                            name="bn1")(out, train))
     out = _conv(self.features, 3, 1, "conv2", self.dtype)(out)
-    out = BatchNorm(group_size=self.bn_group_size, name="bn2")(out, train)
+    out = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
+                    name="bn2")(out, train)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = _conv(self.features, 1, self.strides, "downsample_conv",
                        self.dtype)(x)
-      shortcut = BatchNorm(group_size=self.bn_group_size,
+      shortcut = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
                            name="downsample_bn")(shortcut, train)
     return nn.relu(out + shortcut)
 
@@ -68,7 +70,8 @@ class ResNet(nn.Module):
       x = _conv(self.widths[0], 3, 1, "conv1", self.dtype)(x)
     else:
       raise ValueError(f"unknown stem {self.stem!r}; choose 'imagenet' or 'small'")
-    x = nn.relu(BatchNorm(group_size=self.bn_group_size, name="bn1")(x, train))
+    x = nn.relu(BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
+                          name="bn1")(x, train))
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, (n_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
