@@ -105,7 +105,8 @@ row jax_step2_bf16 $((T_JAX + 30)) \
 if [ -d "$OUTDIR/xla_dump" ]; then
   find "$OUTDIR/xla_dump" -type f ! -name '*after_optimizations.txt' \
     ! -name '*buffer-assignment.txt' -delete
-  gzip -f "$OUTDIR"/xla_dump/*.txt 2>/dev/null
+  find "$OUTDIR/xla_dump" -type f -name '*.txt' -exec gzip -f {} +
+  find "$OUTDIR/xla_dump" -type d -empty -delete
 fi
 if [ -d "$OUTDIR/trace" ]; then
   find "$OUTDIR/trace" -type f \( -name '*.pb' -o -size +8M \) -delete

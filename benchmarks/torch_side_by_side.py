@@ -43,6 +43,7 @@ on the CPU only, for the FLOP count.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -126,10 +127,12 @@ class ResNet34(nn.Module):
     return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+@functools.lru_cache(maxsize=None)
 def model_macs(phase: str, teacher: str, input_size: int,
                num_classes: int) -> tuple[int, int]:
   """(student MACs, teacher MACs) per example from `bnn_jax.summary`."""
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # JAX only counts here: on the CPU, so it takes no GPU memory from torch.
+  os.environ["JAX_PLATFORMS"] = "cpu"
   from bnn_jax import models  # pylint: disable=g-import-not-at-top
   from bnn_jax import summary  # pylint: disable=g-import-not-at-top
   shape = (input_size, input_size, 3)

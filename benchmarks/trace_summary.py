@@ -29,8 +29,8 @@ import os
 import sys
 
 KINDS = (
-    ("convolution", ("conv", "cudnn", "implicit_gemm", "xmma_fprop",
-                     "xmma_dgrad", "xmma_wgrad", "fprop", "dgrad", "wgrad")),
+    ("convolution", ("convolution", "cudnn", "conv2d", "implicit_gemm",
+                     "fprop", "dgrad", "wgrad", "conv_kernel")),
     ("matmul", ("gemm", "cublas", "matmul", "dot", "cutlass", "triton_gemm")),
     ("reduction fusion", ("reduce", "reduction")),
     ("copy / transpose", ("copy", "transpose", "memcpy", "memset")),

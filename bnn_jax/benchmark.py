@@ -37,6 +37,15 @@ XLA flags: unless `XLA_FLAGS` is already set, the defaults of
 `bnn_jax.xla_defaults` are applied before JAX is imported (printed in the
 result), so the benchmark measures what training runs.
 
+Opt-in performance levers (off by default, each its own flag so a
+benchmark row measures one): `--binary_conv_operand_dtype=float8_e4m3fn|int8|
+bfloat16` runs the forward of every binary conv on exact narrow operands
+(`layers.binary_conv_low_precision`: same result, same backward);
+`--bn_one_pass_stats` computes the blocks' BatchNorm variance as
+mean(x^2) - mean(x)^2 (one pass over x). `--trace_dir=DIR` traces 3 more
+steps with `jax.profiler` after the timed ones
+(`benchmarks/trace_summary.py` summarises the trace).
+
 Malloc: `--cpu_malloc=reuse` (the default, as in the ReActNet-A configs)
 keeps XLA:CPU's step buffers mapped between steps (`bnn_jax.malloc_defaults`;
 what it set is reported as `mallopt`); `--cpu_malloc=glibc` measures glibc's

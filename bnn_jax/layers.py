@@ -140,9 +140,10 @@ def _integer_conv(xs: Array, ws: Array, strides: int, padding: int,
   """conv(xs, ws) of low-precision +-1/0 operands, summed in `accumulator`.
 
   The same three formulations as `conv2d_nhwc` (im2col on small maps, a
-  matmul for 1x1 stride-1 convs, `lax.conv_general_dilated` otherwise), each
-  with `preferred_element_type=accumulator` so the products are summed
-  exactly (|sum| <= k * k * C_in < 2^24).
+  matmul for 1x1 stride-1 convs, `lax.conv_general_dilated` otherwise). The
+  matmuls accumulate in `accumulator`, the convolution in float32 (cuDNN's
+  int8 convolutions write float32, not int32); both sums are exact
+  (|sum| <= k * k * C_in < 2^24).
   """
   k = ws.shape[0]
   if k == 1 and strides == 1 and padding == 0:
@@ -163,7 +164,7 @@ def _integer_conv(xs: Array, ws: Array, strides: int, padding: int,
       xs, ws, window_strides=(strides, strides),
       padding=((padding, padding), (padding, padding)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      preferred_element_type=accumulator)
+      preferred_element_type=jnp.float32)
 
 
 def _binary_conv_low_precision_forward(x, kernel, strides, padding,
