@@ -44,6 +44,15 @@ XLA flags: unless `XLA_FLAGS` is already set, the defaults of
 `bnn_jax.xla_defaults` are applied before JAX is imported (printed in the
 result), so the benchmark measures what training runs.
 
+Opt-in performance levers (off by default, each its own flag so a
+benchmark row measures one): `--binary_conv_operand_dtype=float8_e4m3fn|int8|
+bfloat16` runs the forward of every binary conv on exact narrow operands
+(`layers.binary_conv_low_precision`: same result, same backward);
+`--bn_one_pass_stats` computes the blocks' BatchNorm variance as
+mean(x^2) - mean(x)^2 (one pass over x). `--trace_dir=DIR` traces 3 more
+steps with `jax.profiler` after the timed ones
+(`benchmarks/trace_summary.py` summarises the trace).
+
 Malloc: `--cpu_malloc=reuse` (the default, as in the ReActNet-A configs)
 keeps XLA:CPU's step buffers mapped between steps (`bnn_jax.malloc_defaults`;
 what it set is reported as `mallopt`); `--cpu_malloc=glibc` measures glibc's
@@ -94,6 +103,17 @@ def define_flags() -> None:
                     "mapped between steps (bnn_jax.malloc_defaults), "
                     "'glibc' measures glibc's malloc defaults.")
   flags.DEFINE_bool("json", False, "Print the result as one JSON object.")
+  # Opt-in performance levers (model attributes; default: off).
+  flags.DEFINE_enum("binary_conv_operand_dtype", None,
+                    ["float8_e4m3fn", "int8", "bfloat16"],
+                    "Forward of the binary convs on exact narrow operands "
+                    "(ReActNet-A step 2; layers.binary_conv_low_precision).")
+  flags.DEFINE_bool("bn_one_pass_stats", False,
+                    "BatchNorm variance as mean(x^2) - mean(x)^2 "
+                    "(ReActNet-A blocks).")
+  flags.DEFINE_string("trace_dir", "",
+                      "After timing, trace 3 more steps with jax.profiler "
+                      "into this directory (a Perfetto/Chrome trace).")
 
 
 # Dense peak FLOP/s by device kind substring: (bfloat16, float32). float32
@@ -147,13 +167,20 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
                   phase: str = "step2", dtype: str = "float32",
                   teacher_name: str = "", steps: int = 10, warmup: int = 2,
                   num_classes: int = 1000, input_channels: int = 3,
-                  fresh_batches: bool = False) -> dict:
+                  fresh_batches: bool = False,
+                  model_overrides: Optional[dict] = None,
+                  trace_dir: str = "") -> dict:
   """Compiles and times the training step; returns the measurements.
 
   Every step's `finite` metric (loss, max |gradient|, max |parameter|) is
   checked; the run stops at the first non-finite step (counted from 1 over
   warm-up and timed steps) and raises `NonFiniteError`, which carries the
   result with `first_nonfinite_step` and that step's metrics.
+
+  `model_overrides` are extra attributes of the student (those it has; e.g.
+  the opt-in levers `binary_conv_operand_dtype`, `bn_one_pass_stats`).
+  With `trace_dir`, 3 more steps after the timed ones run under
+  `jax.profiler.trace(trace_dir)` (result key `trace_error` if that fails).
   """
   import jax
   import jax.numpy as jnp
@@ -172,7 +199,7 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
 
   shape = (input_size, input_size, input_channels)
   model = create(model_name, binary_weights=phase == "step2",
-                 dtype=jnp.dtype(dtype))
+                 dtype=jnp.dtype(dtype), **(model_overrides or {}))
   opt_cfg = optim.default_optimizer_config()
   opt_cfg.weight_decay = 5e-6 if phase == "step1" else 0.0
   opt_cfg.weight_decay_mode = "coupled"
@@ -266,6 +293,8 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
                      - faults_start) / timed
   times = times or [float("nan")]
 
+  trace_error = trace_steps(trace_dir, compiled, state, batch_data,
+                            teacher_vars) if trace_dir else None
   median = statistics.median(times)
   device = jax.devices()[0]
   stats = compiled.memory_analysis()
@@ -304,6 +333,8 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
       "first_nonfinite_step": first_nonfinite,
       "loss_per_step": losses_per_step,
       "grad_max_abs_per_step": grad_max_abs_per_step,
+      "model_overrides": dict(model_overrides or {}),
+      "trace_dir": trace_dir or None, "trace_error": trace_error,
   }
   if first_nonfinite is not None:
     raise NonFiniteError(
@@ -311,6 +342,29 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
         f"loss, the gradients or the parameters; its metrics: {bad_metrics}",
         result)
   return result
+
+
+def trace_steps(trace_dir: str, compiled: Any, state: Any, batch_data: Any,
+                teacher_vars: Any, steps: int = 3) -> Optional[str]:
+  """Runs `steps` more steps under `jax.profiler.trace`; the error or None.
+
+  Asks for a Perfetto trace (`*.trace.json.gz`, Chrome-trace JSON) next to
+  the XSpace protobuf where the installed JAX supports it. `state` is
+  donated to the steps, so the caller must not use it afterwards.
+  """
+  import jax
+  try:
+    try:
+      context = jax.profiler.trace(trace_dir, create_perfetto_trace=True)
+    except TypeError:
+      context = jax.profiler.trace(trace_dir)
+    with context:
+      for _ in range(steps):
+        state, metrics = compiled(state, batch_data, teacher_vars)
+      jax.block_until_ready((state, metrics))
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {e}"[:500]
+  return None
 
 
 def format_line(r: dict) -> str:
@@ -328,6 +382,16 @@ def format_line(r: dict) -> str:
           f"load {r['load_average']:.2f}")
 
 
+def model_overrides_from_flags() -> dict:
+  """The student attributes set by the lever flags (only those given)."""
+  overrides = {}
+  if FLAGS.binary_conv_operand_dtype:
+    overrides["binary_conv_operand_dtype"] = FLAGS.binary_conv_operand_dtype
+  if FLAGS.bn_one_pass_stats:
+    overrides["bn_one_pass_stats"] = True
+  return overrides
+
+
 def main(argv):
   del argv
   # Before JAX's backend starts its threads.
@@ -338,7 +402,9 @@ def main(argv):
         dtype=FLAGS.dtype, teacher_name=FLAGS.teacher, steps=FLAGS.steps,
         warmup=FLAGS.warmup, num_classes=FLAGS.num_classes,
         input_channels=FLAGS.input_channels,
-        fresh_batches=FLAGS.fresh_batches)
+        fresh_batches=FLAGS.fresh_batches,
+        model_overrides=model_overrides_from_flags(),
+        trace_dir=FLAGS.trace_dir)
   except NonFiniteError as e:
     if FLAGS.json:
       print(json.dumps(e.result), flush=True)

@@ -173,6 +173,108 @@ def _conv2d_float32_sum_bwd(strides, padding, residuals, g):
 conv2d_float32_sum.defvjp(_conv2d_float32_sum_fwd, _conv2d_float32_sum_bwd)
 
 
+# Exact low-precision operand dtypes of `binary_conv_low_precision`: +-1 and 0
+# are exact in each, and the sums are accumulated in `_ACCUMULATOR[dtype]`.
+BINARY_OPERAND_DTYPES: dict[str, Any] = {
+    "float8_e4m3fn": jnp.float8_e4m3fn,
+    "int8": jnp.int8,
+    "bfloat16": jnp.bfloat16,
+}
+_ACCUMULATOR = {"float8_e4m3fn": jnp.float32, "int8": jnp.int32,
+                "bfloat16": jnp.float32}
+
+
+def _integer_conv(xs: Array, ws: Array, strides: int, padding: int,
+                  accumulator: Any) -> Array:
+  """conv(xs, ws) of low-precision +-1/0 operands, summed in `accumulator`.
+
+  The same three formulations as `conv2d_nhwc` (im2col on small maps, a
+  matmul for 1x1 stride-1 convs, `lax.conv_general_dilated` otherwise). The
+  matmuls accumulate in `accumulator`, the convolution in float32 (cuDNN's
+  int8 convolutions write float32, not int32); both sums are exact
+  (|sum| <= k * k * C_in < 2^24).
+  """
+  k = ws.shape[0]
+  if k == 1 and strides == 1 and padding == 0:
+    return jnp.einsum("nhwc,co->nhwo", xs, ws[0, 0],
+                      preferred_element_type=accumulator)
+  if k > 1 and max(xs.shape[1], xs.shape[2]) <= SMALL_MAP_SIZE:
+    xp = jnp.pad(xs, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    out_h = (xp.shape[1] - k) // strides + 1
+    out_w = (xp.shape[2] - k) // strides + 1
+    patches = jnp.concatenate(
+        [xp[:, a:a + strides * (out_h - 1) + 1:strides,
+            b:b + strides * (out_w - 1) + 1:strides, :]
+         for a in range(k) for b in range(k)], axis=-1)
+    return jnp.einsum("nhwc,co->nhwo", patches,
+                      ws.reshape(k * k * ws.shape[2], ws.shape[3]),
+                      preferred_element_type=accumulator)
+  return jax.lax.conv_general_dilated(
+      xs, ws, window_strides=(strides, strides),
+      padding=((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      preferred_element_type=jnp.float32)
+
+
+def _binary_conv_low_precision_forward(x, kernel, strides, padding,
+                                       operand_dtype, out_dtype):
+  alpha = jnp.max(jnp.abs(kernel), axis=(0, 1, 2)).astype(jnp.float32)
+  op = BINARY_OPERAND_DTYPES[operand_dtype]
+  sums = _integer_conv(x.astype(op), jnp.sign(kernel).astype(op), strides,
+                       padding, _ACCUMULATOR[operand_dtype])
+  return (sums.astype(jnp.float32) * alpha).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def binary_conv_low_precision(x: Array, kernel: Array, strides: int,
+                              padding: int, operand_dtype: str,
+                              out_dtype: Optional[Dtype] = None) -> Array:
+  """conv2d_nhwc(x, kernel) for binary operands, forward in a narrow dtype.
+
+  Requires x in {-1, 0, +1} (a binarised input) and kernel = alpha_o *
+  {-1, 0, +1} per output channel o (a binarised kernel, already in the
+  computation dtype). Then
+
+    conv(x, kernel)[..., o] = alpha_o * conv(x, sign(kernel))[..., o],
+    alpha_o = max |kernel[..., o]|,
+
+  and conv(x, sign(kernel)) is a sum of integers: its operands are exact in
+  float8_e4m3fn, int8 or bfloat16 and the sum is exact in the float32 (int32
+  for int8) accumulator. The result, returned in `out_dtype` (None: x's
+  dtype), equals `conv2d_nhwc(x, kernel)` bit for bit in a bfloat16 model
+  wherever that conv accumulates in float32 (XLA:CPU; cuDNN and cuBLAS on
+  GPUs): every partial sum j * alpha_o (|j| < 2^14, alpha_o with 8
+  significant bits) is exact in float32, so both round the same exact value
+  once (or not at all, for a float32 `out_dtype`). In float32 it can differ
+  from it in the last bits (there the reference sum rounds).
+
+  The backward pass is that of `conv2d_nhwc(x, kernel)` with the cotangent
+  in x's dtype, unchanged: the input and kernel gradients are convolutions
+  of the incoming gradient in the computation dtype.
+  """
+  return _binary_conv_low_precision_forward(x, kernel, strides, padding,
+                                            operand_dtype, out_dtype or x.dtype)
+
+
+def _binary_conv_low_precision_fwd(x, kernel, strides, padding, operand_dtype,
+                                   out_dtype):
+  y = _binary_conv_low_precision_forward(x, kernel, strides, padding,
+                                         operand_dtype, out_dtype or x.dtype)
+  return y, (x, kernel)
+
+
+def _binary_conv_low_precision_bwd(strides, padding, operand_dtype, out_dtype,
+                                   res, g):
+  del operand_dtype, out_dtype
+  x, kernel = res
+  _, vjp = jax.vjp(lambda a, b: conv2d_nhwc(a, b, strides, padding), x, kernel)
+  return vjp(g.astype(x.dtype))
+
+
+binary_conv_low_precision.defvjp(_binary_conv_low_precision_fwd,
+                                 _binary_conv_low_precision_bwd)
+
+
 # Name of the statistics BinaryConv sows into the 'intermediates' collection.
 BINARIZER_STATS_KEY = "binarizer_stats"
 
@@ -224,6 +326,10 @@ class BinaryConv(nn.Module):
     dtype: computation dtype of the conv's operands (parameters stay
       float32). Below float32 the output is the float32 sum
       (`conv2d_float32_sum`), for the BatchNorm after it.
+    operand_dtype: None (default) computes the conv in `dtype`; a name in
+      `BINARY_OPERAND_DTYPES` runs the forward conv of a binary input and
+      binary kernel on exact narrow operands (`binary_conv_low_precision`:
+      same result, same backward). Ignored unless both are binarised.
   """
   features: int
   kernel_size: int = 3
@@ -234,6 +340,7 @@ class BinaryConv(nn.Module):
   zero_to: float = 1.0
   kernel_init: Callable[..., Array] = reference_kernel_init
   dtype: Dtype = jnp.float32
+  operand_dtype: Optional[str] = None
 
   @property
   def binary_inputs(self) -> bool:
@@ -260,7 +367,16 @@ class BinaryConv(nn.Module):
       x = binarize(x)
     pad = (k - 1) // 2 if self.padding is None else self.padding
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if jnp.dtype(self.dtype).itemsize < 4:
+    float32_sum = jnp.dtype(self.dtype).itemsize < 4
+    if self.operand_dtype is not None:
+      if self.operand_dtype not in BINARY_OPERAND_DTYPES:
+        raise ValueError(f"unknown operand_dtype {self.operand_dtype!r}; "
+                         f"choose one of {sorted(BINARY_OPERAND_DTYPES)}")
+      if self.binary_inputs and self.binary_weights:
+        return binary_conv_low_precision(
+            x, kernel, self.strides, pad, self.operand_dtype,
+            jnp.float32 if float32_sum else self.dtype)
+    if float32_sum:
       return conv2d_float32_sum(x, kernel, self.strides, pad)
     return conv2d_nhwc(x, kernel, self.strides, pad)
 
@@ -288,12 +404,19 @@ class BatchNorm(nn.Module):
   Eval mode is not folded into a bfloat16 x * s + t: when the mean is large
   against the spread, the two large terms cancel and bfloat16 keeps none of
   the difference.
+
+  `one_pass_stats=True` computes var_B = mean(x^2) - mu_B^2 (clamped at 0),
+  so both statistics come from one pass over x (two reductions XLA can fuse
+  into one kernel) instead of mean((x - mu_B)^2), which needs mu_B first;
+  flax's `use_fast_variance`. It loses precision when |mu_B| >> std(x)
+  (relative error of var ~ 2^-24 mu_B^2 / var_B in float32).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
   group_size: Optional[int] = None
   scale_init: Callable[..., Array] = nn.initializers.ones
   dtype: Optional[Dtype] = None
+  one_pass_stats: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -319,7 +442,11 @@ class BatchNorm(nn.Module):
     xg = xf.reshape((batch // group, group) + x.shape[1:])
     red = tuple(range(1, xg.ndim - 1))  # every axis of a group but channels
     mean = jnp.mean(xg, axis=red, keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=red, keepdims=True)
+    if self.one_pass_stats:
+      var = jnp.maximum(jnp.mean(jnp.square(xg), axis=red, keepdims=True)
+                        - jnp.square(mean), 0.0)
+    else:
+      var = jnp.mean(jnp.square(xg - mean), axis=red, keepdims=True)
     y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     if not self.is_initializing():
       n = group * (xg.size // (xg.shape[0] * group * c))  # elements per stat

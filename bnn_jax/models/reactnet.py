@@ -66,17 +66,20 @@ class ReActNetABlock(nn.Module):
   bn_group_size: Optional[int] = None
   kernel_init: Callable[..., Any] = reference_kernel_init
   dtype: Any = jnp.float32
+  binary_conv_operand_dtype: Optional[str] = None
+  bn_one_pass_stats: Optional[bool] = None
 
   def _conv(self, features, kernel_size, strides, name):
     return BinaryConv(features, kernel_size=kernel_size, strides=strides,
                       input_binarizer=self.input_binarizer,
                       kernel_binarizer=self.kernel_binarizer,
                       zero_to=self.zero_to, kernel_init=self.kernel_init,
-                      dtype=self.dtype, name=name)
+                      dtype=self.dtype,
+                      operand_dtype=self.binary_conv_operand_dtype, name=name)
 
   def _bn(self, name):
     return BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
-                     name=name)
+                     one_pass_stats=bool(self.bn_one_pass_stats), name=name)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -123,6 +126,11 @@ class ReActNetA(nn.Module):
     activation_binarizer / kernel_binarizer: names in `bnn_jax.binary`.
     zero_to: sign(0) (+1 deployable; 0 reproduces torch.sign).
     bn_group_size: per-group ("ghost") BatchNorm statistics; None = global.
+    binary_conv_operand_dtype: opt-in performance lever: the forward of
+      every binary conv on exact narrow operands ("float8_e4m3fn", "int8",
+      "bfloat16"; `layers.binary_conv_low_precision`); None = in `dtype`.
+    bn_one_pass_stats: opt-in performance lever: the blocks' BatchNorm
+      variance as mean(x^2) - mean(x)^2 (`layers.BatchNorm`); None = off.
   """
   num_classes: int = 1000
   channels: Sequence[int] = REACTNET_A_CHANNELS
@@ -135,6 +143,8 @@ class ReActNetA(nn.Module):
   zero_to: float = 1.0
   bn_group_size: Optional[int] = None
   dtype: Any = jnp.float32
+  binary_conv_operand_dtype: Optional[str] = None
+  bn_one_pass_stats: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -156,7 +166,10 @@ class ReActNetA(nn.Module):
           kernel_binarizer=(self.kernel_binarizer
                             if self.binary_weights else None),
           zero_to=self.zero_to, bn_group_size=self.bn_group_size,
-          dtype=self.dtype, name=f"block_{i}")(x, train)
+          dtype=self.dtype,
+          binary_conv_operand_dtype=self.binary_conv_operand_dtype,
+          bn_one_pass_stats=self.bn_one_pass_stats,
+          name=f"block_{i}")(x, train)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(self.num_classes, name="fc")(x)
 
