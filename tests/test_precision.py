@@ -20,10 +20,7 @@ from bnn_jax import layers
 from bnn_jax import losses
 from bnn_jax import models
 from bnn_jax import optim
-from bnn_jax import phases
-from bnn_jax import train
 from bnn_jax import train_step
-from configs import digits as digits_config
 
 BF16 = jnp.bfloat16
 # Below half a bfloat16 ulp of 1 (ulp 2^-7): bf16(-(1 + 2^-10)) == -1.
@@ -242,6 +239,8 @@ def test_collapse_onto_a_one_hot_teacher_stays_finite_in_bf16():
 
 
 def _digits_config():
+  pytest.importorskip("tensorflow")  # the configs import the input pipeline
+  from configs import digits as digits_config
   config = digits_config.get_config()
   config.dataset.data_dir = "/nonexistent"  # build_model reads no data
   return config
@@ -251,6 +250,7 @@ def test_phase_dtype_reaches_its_model_and_the_teacher_keeps_its_own():
   config = _digits_config()
   config.model.dtype = "bfloat16"
   config.phases.teacher.model.dtype = "float32"
+  from bnn_jax import train
   build = lambda name: train.build_model(config, config.phases[name].model, 10)
   assert build("teacher").dtype == jnp.float32
   assert build("step1").dtype == BF16  # unset: config.model.dtype
@@ -265,6 +265,7 @@ def test_bad_phase_dtype_is_refused(tmp_path):
   config = _digits_config()
   config.dataset.data_dir = str(tmp_path)
   config.phases.step1.model.dtype = "float33"
+  from bnn_jax import phases
   with pytest.raises(ValueError, match=r"config.phases.step1.model.dtype="
                      r"'float33' is not a dtype; use 'float32' or 'bfloat16'"):
     phases.validate(config)
