@@ -118,8 +118,10 @@ def levers_table(rows: list[dict]) -> list[str]:
     if not is_lever(r):
       continue
     how = " ".join(a for a in r.get("command", "").split()
-                   if a.startswith(("--binary_conv", "--bn_one")))
-    flags = (r.get("env") or {}).get("XLA_FLAGS", "")
+                   if a.startswith(("--binary_conv", "--bn_one", "--remat")))
+    flags = " ".join(  # the flags that change the program, not the logistics
+        f for f in (r.get("env") or {}).get("XLA_FLAGS", "").split()
+        if not f.startswith(("--xla_dump", "--xla_gpu_per_fusion_autotune")))
     how = " ".join(x for x in (how, f"XLA_FLAGS={flags}" if flags else "") if x)
     if not ok(r):
       out.append(f"| {r['row']} | `{how}` | failed: "

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import statistics
@@ -286,6 +287,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(json.dumps({k: row.get(k) for k in (
         "config", "phase", "teacher", "images_per_s", "mfu",
         "peak_memory_bytes", "first_step_s", "error")}), flush=True)
+    # Free this configuration's models, compiled graphs and memory before
+    # the next one measures its peak.
+    torch._dynamo.reset()  # pylint: disable=protected-access
+    gc.collect()
     if device.type == "cuda":
       torch.cuda.empty_cache()
   return 1 if failures == len(configs) else 0

@@ -6,13 +6,15 @@ Reads the Chrome-trace JSON (`*.trace.json.gz` / `perfetto_trace.json.gz`)
 that `jax.profiler.trace(..., create_perfetto_trace=True)` writes, keeps the
 complete events ("ph": "X", durations in microseconds) of the device
 processes (process names containing "GPU", "TPU" or "device"; every process
-if there is none), and writes:
+if there is none) and, where those have kernel lines (thread names with
+"Stream"), only the kernels on them, and writes:
 
 * per op name: calls, total and mean time per traced step, share of the
   device time;
 * per kind (convolution, matmul, reduction fusion, elementwise fusion,
   copy / transpose, other), from the kernel names;
-* the device busy time per step and the span of the trace.
+* the device busy time per step and the span of the trace; the time per
+  trace line (thread).
 
 Also prints the top ops as a text table. `--steps` is the number of steps
 the trace holds (bnn_jax.benchmark's `--trace_dir` traces 3).
@@ -65,15 +67,29 @@ def load_events(path: str) -> list:
 
 def summarize(events: list, steps: int, top: int) -> dict:
   """The summary dict of a list of Chrome-trace events."""
-  names = {}
+  names, threads = {}, {}
   for e in events:
     if e.get("ph") == "M" and e.get("name") == "process_name":
       names[e.get("pid")] = str(e.get("args", {}).get("name", ""))
+    if e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e.get("pid"), e.get("tid"))] = str(
+          e.get("args", {}).get("name", ""))
   device_pids = {pid for pid, n in names.items()
                  if any(k in n for k in ("GPU", "TPU", "device"))}
   complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
   if device_pids:
     complete = [e for e in complete if e.get("pid") in device_pids]
+  # Device time per trace line; where the device has kernel lines ("Stream
+  # #n"), only those, so module- and op-level spans are not counted twice.
+  per_line = collections.defaultdict(float)
+  for e in complete:
+    per_line[threads.get((e.get("pid"), e.get("tid")), str(e.get("tid")))] += (
+        float(e["dur"]))
+  streams = {key for key, n in threads.items()
+             if key[0] in device_pids and "stream" in n.lower()}
+  if streams:
+    complete = [e for e in complete
+                if (e.get("pid"), e.get("tid")) in streams]
   total = sum(float(e["dur"]) for e in complete) or 1.0
   by_name = collections.defaultdict(lambda: [0, 0.0])
   by_kind = collections.defaultdict(float)
@@ -97,6 +113,9 @@ def summarize(events: list, steps: int, top: int) -> dict:
                    "ms_per_step": d / 1e3 / steps, "share": d / total}
                   for n, (c, d) in ops[:top]],
       "distinct_ops": len(by_name),
+      "kernel_lines_only": bool(streams),
+      "ms_per_step_by_line": {k: v / 1e3 / steps for k, v in sorted(
+          per_line.items(), key=lambda kv: -kv[1])[:20]},
   }
 
 
