@@ -125,7 +125,7 @@ jax_row jax_step2_bf16 $((T_JAX + 30)) \
 "$PY" -m benchmarks.trace_summary "$OUTDIR/trace" \
   "$OUTDIR/profile_step2_bf16.json" > "$OUTDIR/profile_step2_bf16.txt" \
   2>> "$LOG" || echo "trace summary failed" >> "$LOG"
-# Keep what comes back small: the optimised HLO (gzipped), a trace < 8 MiB.
+# Keep what comes back small: the optimised HLO (gzipped), trace files < 6 MiB.
 if [ -d "$OUTDIR/xla_dump" ]; then
   find "$OUTDIR/xla_dump" -type f ! -name '*after_optimizations.txt' \
     ! -name '*buffer-assignment.txt' -delete
@@ -133,7 +133,7 @@ if [ -d "$OUTDIR/xla_dump" ]; then
   find "$OUTDIR/xla_dump" -type d -empty -delete
 fi
 if [ -d "$OUTDIR/trace" ]; then
-  find "$OUTDIR/trace" -type f \( -name '*.pb' -o -size +8M \) -delete
+  find "$OUTDIR/trace" -type f -size +6M -delete
 fi
 
 # 2. PyTorch, step 2, no teacher: reference, AMP + channels_last, + compile.

@@ -281,7 +281,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              "teacher": args.teacher or None, "batch": args.batch,
              "input_size": args.input_size,
              "error": f"{type(e).__name__}: {e}"[:500]}
-    row["tensorflow_imported"] = "tensorflow" in sys.modules
+    # (A None entry is a blocked import, not TensorFlow.)
+    row["tensorflow_imported"] = sys.modules.get("tensorflow") is not None
     with open(args.out, "a") as f:
       f.write(json.dumps(row) + "\n")
     print(json.dumps({k: row.get(k) for k in (
