@@ -173,3 +173,17 @@ def test_gpu_script_smoke_mode_end_to_end(tmp_path):
   summary = (tmp_path / "summary.md").read_text()
   assert "| lever_fp8 | `--binary_conv_operand_dtype=float8_e4m3fn` |" in summary
   assert list((tmp_path / "xla_dump").glob("*train_step*.txt.gz"))
+
+
+def test_cpu_ratio_table():
+  from benchmarks import summarize_cpu  # pylint: disable=g-import-not-at-top
+  rows = [{"row": "r1_32_reference", "images_per_s": 100.0},
+          {"row": "r1_32_bnn_jax", "images_per_s": 250.0},
+          {"row": "r2_32_reference", "images_per_s": 120.0},
+          {"row": "r2_32_bnn_jax", "images_per_s": 240.0},
+          {"row": "r2_224_bnn_jax", "error": "rc 1: boom"}]
+  lines = summarize_cpu.ratio_table(rows)
+  assert lines[2] == "| 32x32 | reference | 100.00 / 120.00 | 1.00x / 1.00x | 1.00x |"
+  assert lines[3] == ("| 32x32 | bnn_jax | 250.00 / 240.00 | 2.50x / 2.00x | "
+                      "2.25x |")
+  assert len(lines) == 4
