@@ -33,6 +33,9 @@
 # run.log (everything the commands printed), summary.md (the tables of
 # docs/performance.md, from benchmarks/summarize_gpu.py).
 #
+# Missing ml_collections / absl on the image: run
+# benchmarks/prepare_gpu_deps.sh here first and carry .gpu_deps along.
+#
 # Environment: PYTHON (default: python), BNN_GPU_BUDGET_S (overall wall-clock
 # budget, default 530 s), BNN_GPU_SMOKE=1 (batch 2, tiny models, 2 steps; with
 # BNN_GPU_SMOKE_COMPILE=1 also torch.compile), BNN_GPU_BLOCK_TF=1 (make any
@@ -79,8 +82,15 @@ if [ "${BNN_GPU_BLOCK_TF:-0}" = 1 ]; then
   export PYTHONPATH="$OUTDIR/.no_tensorflow${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+# Pure-Python dependencies the image may lack (benchmarks/prepare_gpu_deps.sh).
+if ! "$PY" -c "import ml_collections, absl" 2> /dev/null && [ -d .gpu_deps ]; then
+  export PYTHONPATH="$PWD/.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
+  echo "using $PWD/.gpu_deps for ml_collections / absl" >> "$LOG"
+fi
+
 {
   echo "gpu_side_by_side: $(date -u) budget ${BUDGET}s smoke=$SMOKE outdir=$OUTDIR"
+  "$PY" -c "import ml_collections, absl, flax, optax; print('deps ok')" 2>&1 | tail -1
   git rev-parse HEAD 2>/dev/null || true
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   "$PY" -c "import jax, sys; print('jax', jax.__version__, jax.devices())" 2>&1 | tail -1
