@@ -12,8 +12,9 @@
 #
 #   jax_step2_bf16            bnn_jax step 2, bf16, batch 256, 224x224, with a
 #                             jax.profiler trace of 3 more steps (summarised
-#                             into profile_step2_bf16.{json,txt}) and the
-#                             optimised HLO of the step (xla_dump/*.txt.gz)
+#                             into profile_step2_bf16.{json,txt}; the Perfetto
+#                             trace kept if < 6 MiB) and the optimised HLO of
+#                             the step (xla_dump/*.txt.gz)
 #   torch_step2               PyTorch reference network: float32 NCHW eager
 #                             (the reference code), bf16 autocast +
 #                             channels_last eager, + torch.compile
@@ -132,7 +133,7 @@ jax_row() {  # jax_row NAME TIMEOUT_S "EXTRA XLA FLAGS" BENCHMARK_FLAGS...
 jax_row jax_step2_bf16 $((T_JAX + 30)) \
   "--xla_dump_to=$OUTDIR/xla_dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*" \
   --phase=step2 --dtype=bfloat16 --trace_dir="$OUTDIR/trace"
-"$PY" -m benchmarks.trace_summary "$OUTDIR/trace" \
+timeout 90 "$PY" -m benchmarks.trace_summary "$OUTDIR/trace" \
   "$OUTDIR/profile_step2_bf16.json" > "$OUTDIR/profile_step2_bf16.txt" \
   2>> "$LOG" || echo "trace summary failed" >> "$LOG"
 # Keep what comes back small: the optimised HLO (gzipped), trace files < 6 MiB.
@@ -142,8 +143,9 @@ if [ -d "$OUTDIR/xla_dump" ]; then
   find "$OUTDIR/xla_dump" -type f -name '*.txt' -exec gzip -f {} +
   find "$OUTDIR/xla_dump" -type d -empty -delete
 fi
-if [ -d "$OUTDIR/trace" ]; then
-  find "$OUTDIR/trace" -type f -size +6M -delete
+if [ -d "$OUTDIR/trace" ]; then  # the Perfetto trace (ui.perfetto.dev) only
+  find "$OUTDIR/trace" -type f \( ! -name 'perfetto_trace.json.gz' -o \
+    -size +6M \) -delete
 fi
 
 # 2. PyTorch, step 2, no teacher: reference, AMP + channels_last, + compile.
@@ -198,9 +200,12 @@ fi
 jax_row lever_f32_force_conv_nhwc $T_JAX "--xla_gpu_force_conv_nhwc=true" \
   --phase=step2 --dtype=float32
 
-"$PY" -m benchmarks.summarize_gpu "$ROWS" --profile \
+timeout 60 "$PY" -m benchmarks.summarize_gpu "$ROWS" --profile \
   "$OUTDIR/profile_step2_bf16.json" > "$OUTDIR/summary.md" 2>> "$LOG" \
   || echo "summarize_gpu failed" >> "$LOG"
 echo "done in $(( $(date +%s) - START )) s: $(wc -l < "$ROWS") rows in $ROWS" \
   | tee -a "$LOG"
+if [ "$(wc -c < "$LOG")" -gt 4000000 ]; then  # keep what comes back small
+  tail -c 4000000 "$LOG" > "$LOG.tail" && mv "$LOG.tail" "$LOG"
+fi
 exit 0
