@@ -23,6 +23,9 @@ so a later failure or timeout keeps the earlier rows):
 * reference: float32, NCHW, eager, torch.optim.Adam (foreach), the reference
   code's setting. torch's defaults apply: cuDNN convolutions may use TF32
   (`torch.backends.cudnn.allow_tf32`, True by default), matmuls do not.
+  Every configuration sets `torch.backends.cudnn.benchmark = True` (as
+  ImageNet training scripts do: the fastest algorithm per convolution,
+  chosen during the warm-up steps).
 * amp_channels_last: autocast to bfloat16, model and input channels_last,
   fused Adam; eager.
 * amp_channels_last_compile: the same with `torch.compile` (default mode) of
@@ -153,6 +156,9 @@ def run_config(config: str, phase: str, teacher_name: str, batch: int,
                device: torch.device) -> dict:
   """Builds, warms up and times one configuration; returns its row."""
   torch.manual_seed(0)
+  # cuDNN picks each convolution's fastest algorithm in the first (warm-up)
+  # steps, as the reference training script sets it.
+  torch.backends.cudnn.benchmark = True
   amp = config != "reference"
   channels_last = config != "reference"
   compiled = config.endswith("_compile")
@@ -237,6 +243,7 @@ def run_config(config: str, phase: str, teacher_name: str, batch: int,
       "channels_last": channels_last, "compiled": compiled,
       "fused_adam": fused, "device": f"{device.type}:{device_name}",
       "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+      "cudnn_benchmark": torch.backends.cudnn.benchmark,
       "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
       "first_step_s": first_step_s, "step_s_median": median,
       "step_s_min": min(times), "step_s": times, "steps": steps,
