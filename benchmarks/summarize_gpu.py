@@ -52,6 +52,14 @@ def _f(value: Optional[float], fmt: str, scale: float = 1.0) -> str:
   return "" if value is None else format(value * scale, fmt)
 
 
+def _pct(value: Optional[float]) -> str:
+  return "" if value is None else f"{100 * value:.1f}%"
+
+
+def _ips(value: float) -> str:
+  return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _mib(value: Optional[float]) -> str:
   return "" if value is None else f"{value / 2**20:,.0f} MiB"
 
@@ -94,7 +102,7 @@ def same_gpu_table(rows: list[dict]) -> list[str]:
     out.append(
         f"| {r.get('phase')} | {r.get('teacher') or '-'} | {label(r)} | "
         f"{r.get('dtype')} | {_f(r.get('step_s_median'), '.1f', 1e3)} ms | "
-        f"{r['images_per_s']:,.0f} | {_f(r.get('mfu'), '.1f', 100)}% | "
+        f"{_ips(r['images_per_s'])} | {_pct(r.get('mfu'))} | "
         f"{_mib(r.get('peak_memory_bytes'))} | {_compile(r)} | {ratio} |")
   return out
 
@@ -118,8 +126,10 @@ def levers_table(rows: list[dict]) -> list[str]:
     if not is_lever(r):
       continue
     how = " ".join(a for a in r.get("command", "").split()
-                   if a.startswith(("--binary_conv", "--bn_one")))
-    flags = (r.get("env") or {}).get("XLA_FLAGS", "")
+                   if a.startswith(("--binary_conv", "--bn_one", "--remat")))
+    flags = " ".join(  # the flags that change the program, not the logistics
+        f for f in (r.get("env") or {}).get("XLA_FLAGS", "").split()
+        if not f.startswith(("--xla_dump", "--xla_gpu_per_fusion_autotune")))
     how = " ".join(x for x in (how, f"XLA_FLAGS={flags}" if flags else "") if x)
     if not ok(r):
       out.append(f"| {r['row']} | `{how}` | failed: "
@@ -128,9 +138,9 @@ def levers_table(rows: list[dict]) -> list[str]:
     base = baseline_for(rows, r)
     ratio = ("" if base is None else
              f"{r['images_per_s'] / base['images_per_s']:.3f}x "
-             f"({base['images_per_s']:,.0f})")
-    out.append(f"| {r['row']} | `{how}` | {r['images_per_s']:,.0f} | {ratio} | "
-               f"{_f(r.get('mfu'), '.1f', 100)}% | "
+             f"({_ips(base['images_per_s'])})")
+    out.append(f"| {r['row']} | `{how}` | {_ips(r['images_per_s'])} | {ratio} | "
+               f"{_pct(r.get('mfu'))} | "
                f"{_mib(r.get('peak_memory_bytes'))} | {_compile(r)} |")
   return out
 

@@ -23,6 +23,9 @@ so a later failure or timeout keeps the earlier rows):
 * reference: float32, NCHW, eager, torch.optim.Adam (foreach), the reference
   code's setting. torch's defaults apply: cuDNN convolutions may use TF32
   (`torch.backends.cudnn.allow_tf32`, True by default), matmuls do not.
+  Every configuration sets `torch.backends.cudnn.benchmark = True` (as
+  ImageNet training scripts do: the fastest algorithm per convolution,
+  chosen during the warm-up steps).
 * amp_channels_last: autocast to bfloat16, model and input channels_last,
   fused Adam; eager.
 * amp_channels_last_compile: the same with `torch.compile` (default mode) of
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import statistics
@@ -152,6 +156,9 @@ def run_config(config: str, phase: str, teacher_name: str, batch: int,
                device: torch.device) -> dict:
   """Builds, warms up and times one configuration; returns its row."""
   torch.manual_seed(0)
+  # cuDNN picks each convolution's fastest algorithm in the first (warm-up)
+  # steps, as the reference training script sets it.
+  torch.backends.cudnn.benchmark = True
   amp = config != "reference"
   channels_last = config != "reference"
   compiled = config.endswith("_compile")
@@ -236,6 +243,7 @@ def run_config(config: str, phase: str, teacher_name: str, batch: int,
       "channels_last": channels_last, "compiled": compiled,
       "fused_adam": fused, "device": f"{device.type}:{device_name}",
       "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+      "cudnn_benchmark": torch.backends.cudnn.benchmark,
       "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
       "first_step_s": first_step_s, "step_s_median": median,
       "step_s_min": min(times), "step_s": times, "steps": steps,
@@ -280,12 +288,17 @@ def main(argv: Optional[list[str]] = None) -> int:
              "teacher": args.teacher or None, "batch": args.batch,
              "input_size": args.input_size,
              "error": f"{type(e).__name__}: {e}"[:500]}
-    row["tensorflow_imported"] = "tensorflow" in sys.modules
+    # (A None entry is a blocked import, not TensorFlow.)
+    row["tensorflow_imported"] = sys.modules.get("tensorflow") is not None
     with open(args.out, "a") as f:
       f.write(json.dumps(row) + "\n")
     print(json.dumps({k: row.get(k) for k in (
         "config", "phase", "teacher", "images_per_s", "mfu",
         "peak_memory_bytes", "first_step_s", "error")}), flush=True)
+    # Free this configuration's models, compiled graphs and memory before
+    # the next one measures its peak.
+    torch._dynamo.reset()  # pylint: disable=protected-access
+    gc.collect()
     if device.type == "cuda":
       torch.cuda.empty_cache()
   return 1 if failures == len(configs) else 0

@@ -2,17 +2,20 @@
 
   python -m benchmarks.trace_summary TRACE_DIR OUT.json [--steps=3] [--top=40]
 
-Reads the Chrome-trace JSON (`*.trace.json.gz` / `perfetto_trace.json.gz`)
-that `jax.profiler.trace(..., create_perfetto_trace=True)` writes, keeps the
+Reads the XSpace protobuf (`*.xplane.pb`, with `jax.profiler.ProfileData`)
+that `jax.profiler.trace` writes, else the Chrome-trace JSON
+(`*.trace.json.gz`, `perfetto_trace.json.gz`) next to it, keeps the
 complete events ("ph": "X", durations in microseconds) of the device
 processes (process names containing "GPU", "TPU" or "device"; every process
-if there is none), and writes:
+if there is none) and, where those have kernel lines (thread names with
+"Stream"), only the kernels on them, and writes:
 
 * per op name: calls, total and mean time per traced step, share of the
   device time;
 * per kind (convolution, matmul, reduction fusion, elementwise fusion,
   copy / transpose, other), from the kernel names;
-* the device busy time per step and the span of the trace.
+* the device busy time per step and the span of the trace; the time per
+  trace line (thread).
 
 Also prints the top ops as a text table. `--steps` is the number of steps
 the trace holds (bnn_jax.benchmark's `--trace_dir` traces 3).
@@ -46,17 +49,43 @@ def kind_of(name: str) -> str:
   return "other"
 
 
-def find_trace(trace_dir: str) -> str:
-  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.json.gz"),
-                           recursive=True))
-  paths += sorted(glob.glob(os.path.join(trace_dir, "**", "*.json"),
-                            recursive=True))
-  if not paths:
-    raise FileNotFoundError(f"no *.json.gz / *.json trace under {trace_dir}")
-  return max(paths, key=os.path.getsize)
+def find_traces(trace_dir: str) -> list[str]:
+  """Trace files under `trace_dir`, best first: the XSpace protobuf (every
+  plane and line), then the Chrome-trace JSON files, largest first."""
+  found = []
+  for pattern in ("*.xplane.pb", "*.json.gz", "*.json"):
+    paths = glob.glob(os.path.join(trace_dir, "**", pattern), recursive=True)
+    found += sorted(paths, key=os.path.getsize, reverse=True)
+  if not found:
+    raise FileNotFoundError(f"no *.xplane.pb / *.json.gz / *.json trace "
+                            f"under {trace_dir}")
+  return found
+
+
+def events_from_xspace(path: str) -> list:
+  """Chrome-trace events from an XSpace protobuf (`jax.profiler.ProfileData`).
+
+  One process per plane ("/device:GPU:0", "/host:CPU", ...), one thread per
+  line ("Stream #7(...)", "XLA Ops", ...), times in microseconds.
+  """
+  from jax import profiler  # pylint: disable=g-import-not-at-top
+  data = profiler.ProfileData.from_file(path)
+  events = []
+  for pid, plane in enumerate(data.planes):
+    events.append({"ph": "M", "name": "process_name", "pid": pid,
+                   "args": {"name": plane.name}})
+    for tid, line in enumerate(plane.lines):
+      events.append({"ph": "M", "name": "thread_name", "pid": pid,
+                     "tid": tid, "args": {"name": line.name}})
+      for e in line.events:
+        events.append({"ph": "X", "pid": pid, "tid": tid, "name": e.name,
+                       "ts": e.start_ns / 1e3, "dur": e.duration_ns / 1e3})
+  return events
 
 
 def load_events(path: str) -> list:
+  if path.endswith(".pb"):
+    return events_from_xspace(path)
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt") as f:
     data = json.load(f)
@@ -65,15 +94,29 @@ def load_events(path: str) -> list:
 
 def summarize(events: list, steps: int, top: int) -> dict:
   """The summary dict of a list of Chrome-trace events."""
-  names = {}
+  names, threads = {}, {}
   for e in events:
     if e.get("ph") == "M" and e.get("name") == "process_name":
       names[e.get("pid")] = str(e.get("args", {}).get("name", ""))
+    if e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e.get("pid"), e.get("tid"))] = str(
+          e.get("args", {}).get("name", ""))
   device_pids = {pid for pid, n in names.items()
                  if any(k in n for k in ("GPU", "TPU", "device"))}
   complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
   if device_pids:
     complete = [e for e in complete if e.get("pid") in device_pids]
+  # Device time per trace line; where the device has kernel lines ("Stream
+  # #n"), only those, so module- and op-level spans are not counted twice.
+  per_line = collections.defaultdict(float)
+  for e in complete:
+    per_line[threads.get((e.get("pid"), e.get("tid")), str(e.get("tid")))] += (
+        float(e["dur"]))
+  streams = {key for key, n in threads.items()
+             if key[0] in device_pids and "stream" in n.lower()}
+  if streams:
+    complete = [e for e in complete
+                if (e.get("pid"), e.get("tid")) in streams]
   total = sum(float(e["dur"]) for e in complete) or 1.0
   by_name = collections.defaultdict(lambda: [0, 0.0])
   by_kind = collections.defaultdict(float)
@@ -97,6 +140,9 @@ def summarize(events: list, steps: int, top: int) -> dict:
                    "ms_per_step": d / 1e3 / steps, "share": d / total}
                   for n, (c, d) in ops[:top]],
       "distinct_ops": len(by_name),
+      "kernel_lines_only": bool(streams),
+      "ms_per_step_by_line": {k: v / 1e3 / steps for k, v in sorted(
+          per_line.items(), key=lambda kv: -kv[1])[:20]},
   }
 
 
@@ -120,12 +166,21 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=40)
   args = parser.parse_args(argv)
+  errors = []
   try:
-    path = find_trace(args.trace_dir)
-    s = summarize(load_events(path), args.steps, args.top)
-  except (OSError, ValueError, KeyError) as e:
-    print(f"error: cannot summarise the trace in {args.trace_dir}: {e}",
-          file=sys.stderr)
+    paths = find_traces(args.trace_dir)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  for path in paths:
+    try:
+      s = summarize(load_events(path), args.steps, args.top)
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f"{path}: {type(e).__name__}: {e}")
+  else:
+    print(f"error: cannot summarise the traces in {args.trace_dir}: "
+          f"{'; '.join(errors)}", file=sys.stderr)
     return 1
   s["trace_file"] = os.path.relpath(path, args.trace_dir)
   with open(args.out, "w") as f:

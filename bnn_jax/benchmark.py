@@ -49,7 +49,9 @@ benchmark row measures one): `--binary_conv_operand_dtype=float8_e4m3fn|int8|
 bfloat16` runs the forward of every binary conv on exact narrow operands
 (`layers.binary_conv_low_precision`: same result, same backward);
 `--bn_one_pass_stats` computes the blocks' BatchNorm variance as
-mean(x^2) - mean(x)^2 (one pass over x). `--trace_dir=DIR` traces 3 more
+mean(x^2) - mean(x)^2 (one pass over x); `--remat_blocks` recomputes each
+block's elementwise ops in the backward pass from the saved conv outputs.
+`--trace_dir=DIR` traces 3 more
 steps with `jax.profiler` after the timed ones
 (`benchmarks/trace_summary.py` summarises the trace).
 
@@ -111,6 +113,10 @@ def define_flags() -> None:
   flags.DEFINE_bool("bn_one_pass_stats", False,
                     "BatchNorm variance as mean(x^2) - mean(x)^2 "
                     "(ReActNet-A blocks).")
+  flags.DEFINE_bool("remat_blocks", False,
+                    "Recompute each block's elementwise ops in the backward "
+                    "pass, keeping only the binary conv outputs "
+                    "(ReActNet-A).")
   flags.DEFINE_string("trace_dir", "",
                       "After timing, trace 3 more steps with jax.profiler "
                       "into this directory (a Perfetto/Chrome trace).")
@@ -389,6 +395,8 @@ def model_overrides_from_flags() -> dict:
     overrides["binary_conv_operand_dtype"] = FLAGS.binary_conv_operand_dtype
   if FLAGS.bn_one_pass_stats:
     overrides["bn_one_pass_stats"] = True
+  if FLAGS.remat_blocks:
+    overrides["remat_blocks"] = True
   return overrides
 
 

@@ -57,9 +57,19 @@ def test_trace_summary_of_a_chrome_trace(tmp_path):
        "args": {"name": "/device:GPU:0"}},
       {"ph": "M", "name": "process_name", "pid": 2,
        "args": {"name": "/host:CPU"}},
-      {"ph": "X", "pid": 1, "name": "cudnn-conv.1", "ts": 0, "dur": 600},
-      {"ph": "X", "pid": 1, "name": "loop_add_fusion", "ts": 600, "dur": 300},
-      {"ph": "X", "pid": 1, "name": "loop_add_fusion", "ts": 900, "dur": 100},
+      {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7,
+       "args": {"name": "Stream #7(compute)"}},
+      {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8,
+       "args": {"name": "XLA Modules"}},
+      {"ph": "X", "pid": 1, "tid": 7, "name": "cudnn-conv.1", "ts": 0,
+       "dur": 600},
+      {"ph": "X", "pid": 1, "tid": 7, "name": "loop_add_fusion", "ts": 600,
+       "dur": 300},
+      {"ph": "X", "pid": 1, "tid": 7, "name": "loop_add_fusion", "ts": 900,
+       "dur": 100},
+      # A module-level span over the same kernels: not counted again.
+      {"ph": "X", "pid": 1, "tid": 8, "name": "jit_train_step", "ts": 0,
+       "dur": 1000},
       {"ph": "X", "pid": 2, "name": "PjitFunction", "ts": 0, "dur": 5000},
   ]
   path = tmp_path / "plugins" / "profile" / "run"
@@ -76,6 +86,9 @@ def test_trace_summary_of_a_chrome_trace(tmp_path):
   assert [o["name"] for o in s["top_ops"]] == ["cudnn-conv.1",
                                                "loop_add_fusion"]
   assert s["top_ops"][1]["calls_per_step"] == 1.0
+  assert s["kernel_lines_only"]
+  assert s["ms_per_step_by_line"] == {"Stream #7(compute)": 0.5,
+                                      "XLA Modules": 0.5}
   assert trace_summary.main([str(tmp_path / "none"), str(out)]) == 1
 
 
@@ -136,3 +149,41 @@ def test_torch_rows_on_the_cpu_without_tensorflow(tmp_path):
   assert (reference["dtype"], amp["dtype"]) == ("float32", "bfloat16")
   # Same FLOP count as bnn_jax.benchmark: reactnet_a step 1 + resnet34.
   assert reference["model_flops_per_step"] == amp["model_flops_per_step"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_mode_end_to_end(tmp_path):
+  """Two bnn_jax rows (with the trace) and the tables, TensorFlow blocked."""
+  env = dict(os.environ, BNN_GPU_SMOKE="1", PYTHON=sys.executable,
+             JAX_PLATFORMS="cpu", BNN_GPU_ROWS="^(jax_step2_bf16|lever_fp8)$",
+             BNN_GPU_BUDGET_S="900")
+  subprocess.run(["bash", "benchmarks/gpu_side_by_side.sh", str(tmp_path)],
+                 cwd=_REPO, env=env, check=True, timeout=1000,
+                 capture_output=True)
+  rows = {r["row"]: r for r in _rows(tmp_path / "rows.jsonl")}
+  assert sorted(rows) == ["jax_step2_bf16", "lever_fp8"]
+  for r in rows.values():
+    assert "error" not in r, r.get("error")
+    assert r["images_per_s"] > 0 and r["dtype"] == "bfloat16"
+  assert rows["lever_fp8"]["model_overrides"] == {
+      "binary_conv_operand_dtype": "float8_e4m3fn"}
+  assert rows["jax_step2_bf16"]["trace_error"] is None
+  profile = json.loads((tmp_path / "profile_step2_bf16.json").read_text())
+  assert profile["events"] > 0
+  summary = (tmp_path / "summary.md").read_text()
+  assert "| lever_fp8 | `--binary_conv_operand_dtype=float8_e4m3fn` |" in summary
+  assert list((tmp_path / "xla_dump").glob("*train_step*.txt.gz"))
+
+
+def test_cpu_ratio_table():
+  from benchmarks import summarize_cpu  # pylint: disable=g-import-not-at-top
+  rows = [{"row": "r1_32_reference", "images_per_s": 100.0},
+          {"row": "r1_32_bnn_jax", "images_per_s": 250.0},
+          {"row": "r2_32_reference", "images_per_s": 120.0},
+          {"row": "r2_32_bnn_jax", "images_per_s": 240.0},
+          {"row": "r2_224_bnn_jax", "error": "rc 1: boom"}]
+  lines = summarize_cpu.ratio_table(rows)
+  assert lines[2] == "| 32x32 | reference | 100.00 / 120.00 | 1.00x / 1.00x | 1.00x |"
+  assert lines[3] == ("| 32x32 | bnn_jax | 250.00 / 240.00 | 2.50x / 2.00x | "
+                      "2.25x |")
+  assert len(lines) == 4

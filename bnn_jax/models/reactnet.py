@@ -25,9 +25,13 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from bnn_jax.layers import BatchNorm, BinaryConv, RPReLU, Shift
 from bnn_jax.layers import reference_kernel_init
+
+# The name of the binary conv outputs that `remat_blocks` keeps.
+CONV_OUTPUT_NAME = "binary_conv_output"
 
 # Channels of the stem output and the 13 blocks (SPEC §1).
 REACTNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512,
@@ -68,14 +72,19 @@ class ReActNetABlock(nn.Module):
   dtype: Any = jnp.float32
   binary_conv_operand_dtype: Optional[str] = None
   bn_one_pass_stats: Optional[bool] = None
+  name_conv_outputs: bool = False
 
   def _conv(self, features, kernel_size, strides, name):
-    return BinaryConv(features, kernel_size=kernel_size, strides=strides,
+    conv = BinaryConv(features, kernel_size=kernel_size, strides=strides,
                       input_binarizer=self.input_binarizer,
                       kernel_binarizer=self.kernel_binarizer,
                       zero_to=self.zero_to, kernel_init=self.kernel_init,
                       dtype=self.dtype,
                       operand_dtype=self.binary_conv_operand_dtype, name=name)
+    if not self.name_conv_outputs:
+      return conv
+    # Marks the conv outputs as the values `remat_blocks` keeps.
+    return lambda x: checkpoint_name(conv(x), CONV_OUTPUT_NAME)
 
   def _bn(self, name):
     return BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
@@ -131,6 +140,11 @@ class ReActNetA(nn.Module):
       "bfloat16"; `layers.binary_conv_low_precision`); None = in `dtype`.
     bn_one_pass_stats: opt-in performance lever: the blocks' BatchNorm
       variance as mean(x^2) - mean(x)^2 (`layers.BatchNorm`); None = off.
+    remat_blocks: opt-in performance lever: every block under `nn.remat`,
+      keeping only its binary convs' outputs for the backward pass; the
+      shifts, signs, BatchNorms and RPReLUs are recomputed there (fewer
+      activations written to and read from memory; the same gradients).
+      None = off.
   """
   num_classes: int = 1000
   channels: Sequence[int] = REACTNET_A_CHANNELS
@@ -145,10 +159,17 @@ class ReActNetA(nn.Module):
   dtype: Any = jnp.float32
   binary_conv_operand_dtype: Optional[str] = None
   bn_one_pass_stats: Optional[bool] = None
+  remat_blocks: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     channels = scaled_channels(self.channels, self.width_multiplier)
+    block = ReActNetABlock
+    if self.remat_blocks:
+      block = nn.remat(  # static_argnums counts self: (self, x, train)
+          ReActNetABlock, static_argnums=(2,),
+          policy=jax.checkpoint_policies.save_only_these_names(
+              CONV_OUTPUT_NAME))
     x = x.astype(self.dtype)
     # Real-valued stem: conv 3x3 (stride stem_strides, pad 1) -> BN, no activation.
     x = BinaryConv(channels[0], kernel_size=3, strides=self.stem_strides,
@@ -159,7 +180,7 @@ class ReActNetA(nn.Module):
                   name="stem_bn")(x, train)
     for i, (c_out, s) in enumerate(
         zip(channels[1:], reactnet_a_strides(self.channels)), start=1):
-      x = ReActNetABlock(
+      x = block(
           out_channels=c_out, strides=s,
           input_binarizer=(self.activation_binarizer
                            if self.binary_activations else None),
@@ -169,6 +190,7 @@ class ReActNetA(nn.Module):
           dtype=self.dtype,
           binary_conv_operand_dtype=self.binary_conv_operand_dtype,
           bn_one_pass_stats=self.bn_one_pass_stats,
+          name_conv_outputs=bool(self.remat_blocks),
           name=f"block_{i}")(x, train)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(self.num_classes, name="fc")(x)
