@@ -152,7 +152,7 @@ def model_macs(phase: str, teacher: str, input_size: int,
 
 
 def _setting(read):
-  """A torch backend setting, or None where this torch version lacks it."""
+  """read(), or None where this torch version lacks what it reads."""
   try:
     return read()
   except Exception:  # pylint: disable=broad-except
@@ -306,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "peak_memory_bytes", "first_step_s", "error")}), flush=True)
     # Free this configuration's models, compiled graphs and memory before
     # the next one measures its peak.
-    torch._dynamo.reset()  # pylint: disable=protected-access
+    _setting(torch._dynamo.reset)  # pylint: disable=protected-access
     gc.collect()
     if device.type == "cuda":
       torch.cuda.empty_cache()
