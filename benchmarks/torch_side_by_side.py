@@ -151,6 +151,14 @@ def model_macs(phase: str, teacher: str, input_size: int,
   return s.bops + s.flops, t_macs
 
 
+def _setting(read):
+  """read(), or None where this torch version lacks what it reads."""
+  try:
+    return read()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def run_config(config: str, phase: str, teacher_name: str, batch: int,
                input_size: int, steps: int, warmup: int, num_classes: int,
                device: torch.device) -> dict:
@@ -242,9 +250,10 @@ def run_config(config: str, phase: str, teacher_name: str, batch: int,
       "input_size": input_size, "dtype": dtype,
       "channels_last": channels_last, "compiled": compiled,
       "fused_adam": fused, "device": f"{device.type}:{device_name}",
-      "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+      "cudnn_allow_tf32": _setting(lambda: torch.backends.cudnn.allow_tf32),
       "cudnn_benchmark": torch.backends.cudnn.benchmark,
-      "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+      "matmul_allow_tf32": _setting(
+          lambda: torch.backends.cuda.matmul.allow_tf32),
       "first_step_s": first_step_s, "step_s_median": median,
       "step_s_min": min(times), "step_s": times, "steps": steps,
       "warmup": warmup, "images_per_s": batch / median,
@@ -297,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "peak_memory_bytes", "first_step_s", "error")}), flush=True)
     # Free this configuration's models, compiled graphs and memory before
     # the next one measures its peak.
-    torch._dynamo.reset()  # pylint: disable=protected-access
+    _setting(torch._dynamo.reset)  # pylint: disable=protected-access
     gc.collect()
     if device.type == "cuda":
       torch.cuda.empty_cache()

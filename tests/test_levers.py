@@ -50,6 +50,13 @@ def _check_exact(operand, shape, kshape, stride, pad):
   assert y_low.dtype == y_default.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(y_low, np.float32),
                                 np.asarray(y_default, np.float32))
+  # A float32 output is the exact sum (what a bf16 conv's float32
+  # accumulator holds): equal to the float32 conv of the same values.
+  exact = layers.conv2d_nhwc(x.astype(jnp.float32), w.astype(jnp.float32),
+                             stride, pad)
+  np.testing.assert_array_equal(
+      layers.binary_conv_low_precision(x, w, stride, pad, operand,
+                                       jnp.float32), exact)
   # The backward is the default conv's, gradient for gradient.
   g = jax.random.normal(jax.random.key(3), y_default.shape, jnp.bfloat16)
   _, vjp_default = jax.vjp(default, x, w)
