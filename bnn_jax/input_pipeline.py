@@ -74,6 +74,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+from bnn_jax import data_service  # noqa: E402
 from bnn_jax import preprocess  # noqa: E402
 from bnn_jax.preprocess import default_dataset_config  # noqa: E402,F401
 
@@ -333,12 +334,42 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
       images = recipe.train(images, size, tf.stack([augment_seed, position]))
     return {"image": preprocess.normalise(images, recipe), "label": labels}
 
-  def to_batches(examples: tf.data.Dataset, skip: int) -> Iterator[Batch]:
+  def service_batches(ds: tf.data.Dataset, first_step: int,
+                      num_batches: Optional[int]) -> Iterator[Batch]:
+    """The batches of `ds` (this process's examples), prepared remotely.
+
+    The unaugmented batches are numbered by step and cut by step among the
+    tf.data service's workers (`data_service.distribute`), which run
+    exactly the local pipeline's ops on them.
+    """
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(first_step),
+                             ds.batch(local_batch, drop_remainder=True))
+    ds = ds.shard(tf.data.experimental.SHARD_HINT,
+                  tf.data.experimental.SHARD_HINT)  # Worker i: steps i mod N.
+    if recipe.batched:
+      ds = ds.map(lambda step, batch: (step, prepare_example(
+          batch[0][0], batch[1][0], batch[2])),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+      ds = ds.map(lambda step, batch: (tf.fill([local_batch], step), *batch))
+      ds = ds.unbatch().map(
+          lambda step, *example: (step, prepare_example(*example)),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      ds = ds.batch(local_batch, drop_remainder=True).map(
+          lambda steps, batch: (steps[0], batch))
+    return (_to_global(batch, sharding) for batch in data_service.distribute(
+        ds, cfg.data_service_address, first_step=first_step,
+        num_batches=num_batches))
+
+  def to_batches(examples: tf.data.Dataset, skip: int, first_step: int,
+                 num_batches: Optional[int]) -> Iterator[Batch]:
     # Skip before augmenting: resuming does not redo the skipped examples.
     ds = examples.skip(skip * stream_batch)
     if stream_batch != local_batch:  # Keep this process's rows of each step.
       ds = ds.filter(lambda seed_, position, example_: tf.equal(
           position % stream_batch // local_batch, slot))
+    if cfg.data_service_address:
+      return service_batches(ds, first_step, num_batches)
     if recipe.batched:
       ds = ds.batch(local_batch, drop_remainder=True).map(
           lambda seeds, positions, batch: prepare_example(seeds[0], positions[0],
@@ -359,16 +390,20 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
       records = _read(builder, split, recipe).cache()
       yield from to_batches(
           tf.data.Dataset.counter(first_epoch).flat_map(
-              lambda epoch: epoch_examples(records, epoch)), skip_steps)
+              lambda epoch: epoch_examples(records, epoch)), skip_steps,
+          start_step, None)
     else:
       # A window shuffle: each epoch also reads the files in a fresh order.
       for epoch in itertools.count(first_epoch):
         epoch_tensor = tf.constant(epoch, tf.int64)
         shuffle_seed, _ = _epoch_seeds(seed, shard, epoch_tensor)
         records = _read(builder, split, recipe, int(shuffle_seed))
-        yield from to_batches(epoch_examples(records, epoch_tensor),
-                              skip_steps if epoch == first_epoch else 0)
+        skip = skip_steps if epoch == first_epoch else 0
+        yield from to_batches(epoch_examples(records, epoch_tensor), skip,
+                              epoch * steps + skip, steps - skip)
 
+  if cfg.data_service_address:  # Fail now, not at the first batch.
+    data_service.check_reachable(cfg.data_service_address)
   return batches()
 
 

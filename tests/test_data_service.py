@@ -1,0 +1,135 @@
+"""tf.data service on localhost: a dispatcher and two workers.
+
+`python -m bnn_jax.data_service --port=P --workers=2` runs in a subprocess;
+the trainer reads its batches through `config.dataset.data_service_address`.
+The batches are those of the local pipeline, bit for bit (both shuffles,
+resumed runs), and a short digits training run learns from them.
+"""
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bnn_jax import data_service
+from bnn_jax import input_pipeline
+from bnn_jax import phases
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port_block(size: int) -> int:
+  """A port p such that p .. p + size - 1 are free now."""
+  for _ in range(100):
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      base = s.getsockname()[1]
+    if base + size >= 65536:
+      continue
+    try:
+      for port in range(base, base + size):
+        with socket.socket() as s:
+          s.bind(("localhost", port))
+      return base
+    except OSError:
+      continue
+  raise RuntimeError("no block of free ports")
+
+
+@pytest.fixture(scope="module")
+def service_address():
+  port = _free_port_block(3)
+  process = subprocess.Popen(
+      [sys.executable, "-m", "bnn_jax.data_service", f"--port={port}",
+       "--workers=2", "--host=localhost"],
+      cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    address = f"localhost:{port}"
+    data_service.check_reachable(address, timeout_s=120)
+    yield address
+  finally:
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def digits_cfg(tmp_path_factory):
+  cfg = input_pipeline.default_dataset_config("digits")
+  cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  return cfg
+
+
+def _take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_bad_address_is_one_line():
+  for address in ("localhost", "localhost:port", "a b:1", "localhost:70000"):
+    with pytest.raises(data_service.DataServiceError,
+                       match="is not host:port"):
+      data_service.parse_address(address)
+  assert data_service.parse_address("grpc://host-1.example:5050") == (
+      "host-1.example", 5050)
+
+
+def test_unreachable_dispatcher_fails_fast(digits_cfg):
+  cfg = digits_cfg.copy_and_resolve_references()
+  cfg.data_service_address = f"localhost:{_free_port_block(1)}"
+  start = time.monotonic()
+  with pytest.raises(data_service.DataServiceError) as e:
+    input_pipeline.train_iterator(cfg, global_batch_size=64, seed=0)
+  assert time.monotonic() - start < data_service.CONNECT_TIMEOUT_S + 5
+  message = str(e.value)
+  assert "\n" not in message
+  assert "no tf.data service dispatcher answers at localhost:" in message
+  assert "python -m bnn_jax.data_service" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shuffle_buffer_size", [None, 100])
+def test_service_batches_are_the_local_batches(digits_cfg, service_address,
+                                               shuffle_buffer_size):
+  """Cached whole-split shuffle and per-epoch window shuffle, and resume."""
+  cfg = digits_cfg.copy_and_resolve_references()
+  cfg.shuffle_buffer_size = shuffle_buffer_size
+  remote = cfg.copy_and_resolve_references()
+  remote.data_service_address = service_address
+  # 1437 // 64 = 22 steps per epoch: 25 batches cross into epoch 1.
+  local = _take(input_pipeline.train_iterator(
+      cfg, global_batch_size=64, seed=3), 25)
+  _assert_same_batches(_take(input_pipeline.train_iterator(
+      remote, global_batch_size=64, seed=3), 25), local)
+  _assert_same_batches(_take(input_pipeline.train_iterator(
+      remote, global_batch_size=64, seed=3, start_step=20), 5), local[20:])
+
+
+@pytest.mark.slow
+def test_digits_trains_on_the_service(digits_cfg, service_address, tmp_path):
+  """One short phase (a ResNet teacher, 3 epochs) fed by two workers."""
+  from configs import digits as digits_config  # pylint: disable=g-import-not-at-top
+
+  config = digits_config.get_config()
+  config.dataset.data_dir = digits_cfg.data_dir
+  config.dataset.data_service_address = service_address
+  config.batch_size = 128
+  config.eval_batch_size = 128
+  config.log_every_steps = 11
+  config.checkpoint_every_steps = 100
+  config.phases.teacher.num_epochs = 3
+  config.phase_order = "teacher"
+  results = phases.run(config, str(tmp_path))
+  assert results["teacher"]["steps"] == 33  # 1437 // 128 = 11 per epoch.
+  assert results["teacher"]["top1"] > 0.5, results  # Chance: 0.1.
