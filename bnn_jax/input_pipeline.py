@@ -45,6 +45,13 @@ imagenet2012, whose epochs are then a window shuffle of a freshly shuffled
 file order of the host's shard. A buffer that holds the host's shard but
 not the whole split shuffles (and caches) the host's shard whole.
 
+tf.data service (`data_service_address` = a dispatcher's host:port): the
+training batches are prepared on the service's workers instead of this
+process. The process numbers its unaugmented batches by step, worker i of N
+augments steps i, i + N, ..., and the process puts them back in step order,
+so batch k is bit for bit the local batch k, whatever the number of workers
+(`bnn_jax.data_service`). Evaluation stays in the process.
+
 Evaluation batches (`eval_iterator`): dict(image, label, mask=bool [B]),
 finite. Process p reads part p of `tfds.even_splits(split, P)` (sizes
 differ by at most one), every example exactly once, then pads with filler
@@ -277,8 +284,12 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
 
   Raises:
     DatasetNotFoundError: the data set is not prepared in its data_dir.
+    data_service.DataServiceError: `data_service_address` is malformed or
+      no dispatcher answers there.
   """
   cfg = _complete(dataset_cfg)
+  if cfg.data_service_address:  # Fail now, not at the first batch.
+    data_service.check_reachable(cfg.data_service_address)
   builder = _builder(cfg)
   info = _info(cfg, builder)
   steps = steps_per_epoch(info, global_batch_size)
@@ -402,8 +413,6 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
         yield from to_batches(epoch_examples(records, epoch_tensor), skip,
                               epoch * steps + skip, steps - skip)
 
-  if cfg.data_service_address:  # Fail now, not at the first batch.
-    data_service.check_reachable(cfg.data_service_address)
   return batches()
 
 
