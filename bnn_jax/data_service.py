@@ -226,7 +226,11 @@ def main(argv) -> None:
     if not FLAGS.worker_addresses:
       raise app.UsageError("--role=dispatcher needs --worker_addresses")
     for address in FLAGS.worker_addresses:
-      parse_address(address)
+      try:
+        parse_address(address)
+      except DataServiceError:
+        raise app.UsageError(f"--worker_addresses: {address!r} is not "
+                             "host:port") from None
     servers.append(start_dispatcher(FLAGS.port, FLAGS.worker_addresses,
                                     FLAGS.work_dir))
     what = (f"dispatcher on port {FLAGS.port} for workers "
@@ -234,6 +238,11 @@ def main(argv) -> None:
   else:
     if not FLAGS.dispatcher_address:
       raise app.UsageError("--role=worker needs --dispatcher_address")
+    try:
+      parse_address(FLAGS.dispatcher_address)
+    except DataServiceError:
+      raise app.UsageError(f"--dispatcher_address={FLAGS.dispatcher_address!r}"
+                           " is not host:port") from None
     servers.append(start_worker(FLAGS.port, FLAGS.dispatcher_address,
                                 FLAGS.host))
     what = f"worker {FLAGS.host}:{FLAGS.port}"

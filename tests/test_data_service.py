@@ -98,6 +98,29 @@ def test_unreachable_dispatcher_fails_fast(digits_cfg):
   assert "python -m bnn_jax.data_service" in message
 
 
+def test_a_missing_worker_is_an_error_not_a_hang():
+  """The dispatcher lists two workers, one runs: step 1 never comes."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  port = _free_port_block(3)
+  dispatcher = data_service.start_dispatcher(
+      port, [f"localhost:{port + 1}", f"localhost:{port + 2}"])
+  worker = data_service.start_worker(port + 1, f"localhost:{port}",
+                                     "localhost")
+  try:
+    steps = tf.data.Dataset.counter()
+    numbered = tf.data.Dataset.zip(steps, steps).shard(
+        tf.data.experimental.SHARD_HINT, tf.data.experimental.SHARD_HINT)
+    batches = data_service.distribute(numbered, f"localhost:{port}",
+                                      first_step=0)
+    assert next(batches) == 0  # Worker 0's first step.
+    with pytest.raises(RuntimeError, match="but not step 1: is every worker"):
+      next(batches)
+  finally:
+    worker.stop()
+    dispatcher.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shuffle_buffer_size", [None, 100])
 def test_service_batches_are_the_local_batches(digits_cfg, service_address,
@@ -133,3 +156,6 @@ def test_digits_trains_on_the_service(digits_cfg, service_address, tmp_path):
   results = phases.run(config, str(tmp_path))
   assert results["teacher"]["steps"] == 33  # 1437 // 128 = 11 per epoch.
   assert results["teacher"]["top1"] > 0.5, results  # Chance: 0.1.
+  # The same batches either way: the run continues without the service.
+  config.dataset.data_service_address = None
+  assert phases.run(config, str(tmp_path)) == results
