@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import time
 import uuid
 from typing import Any, Iterator, Optional
@@ -207,45 +208,56 @@ flags.DEFINE_string("work_dir", None, "Dispatcher: keep its state here "
                     "resumes its jobs.")
 
 
-def main(argv) -> None:
-  del argv
+def _fail(message: str) -> None:
+  """Stops the command with a one-line error (exit status 1)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _start_servers() -> tuple[list[Any], str]:
+  """The servers the flags ask for, started, and a line that says what."""
   if not 0 < FLAGS.port < 65536:
-    raise app.UsageError(f"--port={FLAGS.port} is not a port")
-  servers = []
+    _fail(f"--port={FLAGS.port} is not a port")
   if FLAGS.role == "all":
     if FLAGS.workers < 1:
-      raise app.UsageError("--workers must be at least 1")
+      _fail("--workers must be at least 1")
     ports = [FLAGS.port + 1 + i for i in range(FLAGS.workers)]
-    servers.append(start_dispatcher(
-        FLAGS.port, [f"{FLAGS.host}:{p}" for p in ports], FLAGS.work_dir))
+    servers = [start_dispatcher(
+        FLAGS.port, [f"{FLAGS.host}:{p}" for p in ports], FLAGS.work_dir)]
     servers += [start_worker(p, f"localhost:{FLAGS.port}", FLAGS.host)
                 for p in ports]
-    what = (f"dispatcher on port {FLAGS.port}, {FLAGS.workers} worker(s) on "
-            f"{FLAGS.host}:{ports[0]}-{ports[-1]}")
-  elif FLAGS.role == "dispatcher":
+    return servers, (f"dispatcher on port {FLAGS.port}, {FLAGS.workers} "
+                     f"worker(s) on {FLAGS.host}:{ports[0]}-{ports[-1]}")
+  if FLAGS.role == "dispatcher":
     if not FLAGS.worker_addresses:
-      raise app.UsageError("--role=dispatcher needs --worker_addresses")
+      _fail("--role=dispatcher needs --worker_addresses")
     for address in FLAGS.worker_addresses:
       try:
         parse_address(address)
       except DataServiceError:
-        raise app.UsageError(f"--worker_addresses: {address!r} is not "
-                             "host:port") from None
-    servers.append(start_dispatcher(FLAGS.port, FLAGS.worker_addresses,
-                                    FLAGS.work_dir))
-    what = (f"dispatcher on port {FLAGS.port} for workers "
+        _fail(f"--worker_addresses: {address!r} is not host:port")
+    return ([start_dispatcher(FLAGS.port, FLAGS.worker_addresses,
+                              FLAGS.work_dir)],
+            f"dispatcher on port {FLAGS.port} for workers "
             f"{','.join(FLAGS.worker_addresses)}")
-  else:
-    if not FLAGS.dispatcher_address:
-      raise app.UsageError("--role=worker needs --dispatcher_address")
-    try:
-      parse_address(FLAGS.dispatcher_address)
-    except DataServiceError:
-      raise app.UsageError(f"--dispatcher_address={FLAGS.dispatcher_address!r}"
-                           " is not host:port") from None
-    servers.append(start_worker(FLAGS.port, FLAGS.dispatcher_address,
-                                FLAGS.host))
-    what = f"worker {FLAGS.host}:{FLAGS.port}"
+  if not FLAGS.dispatcher_address:
+    _fail("--role=worker needs --dispatcher_address")
+  try:
+    parse_address(FLAGS.dispatcher_address)
+  except DataServiceError:
+    _fail(f"--dispatcher_address={FLAGS.dispatcher_address!r} is not "
+          "host:port")
+  return ([start_worker(FLAGS.port, FLAGS.dispatcher_address, FLAGS.host)],
+          f"worker {FLAGS.host}:{FLAGS.port}")
+
+
+def main(argv) -> None:
+  del argv
+  try:
+    servers, what = _start_servers()
+  except (tf.errors.OpError, RuntimeError) as e:  # E.g. a port in use.
+    _fail(f"cannot start the tf.data service ({FLAGS.role}, port "
+          f"{FLAGS.port}): {' '.join(str(e).split())[:300]}")
   print(f"tf.data service: {what}; Ctrl-C stops it.", flush=True)
   servers[0].join()
 

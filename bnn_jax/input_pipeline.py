@@ -125,6 +125,8 @@ def _complete(dataset_cfg: ml_collections.ConfigDict
   """`dataset_cfg` over `default_dataset_config(dataset_cfg.name)`."""
   cfg = default_dataset_config(dataset_cfg.name)
   cfg.update(dataset_cfg.to_dict())  # plain values, not FieldReferences
+  if cfg.data_service_address:  # A malformed address fails before any work.
+    data_service.parse_address(cfg.data_service_address)
   return cfg
 
 

@@ -2,8 +2,9 @@
 
 `python -m bnn_jax.data_service --port=P --workers=2` runs in a subprocess;
 the trainer reads its batches through `config.dataset.data_service_address`.
-The batches are those of the local pipeline, bit for bit (both shuffles,
-resumed runs), and a short digits training run learns from them.
+The batches are those of the local pipeline, bit for bit (digits' batched
+recipe and ImageNet's per-example JPEG recipe, both shuffles, resumed
+runs), and a short digits training run learns from them.
 """
 
 import itertools
@@ -62,6 +63,16 @@ def digits_cfg(tmp_path_factory):
   cfg = input_pipeline.default_dataset_config("digits")
   cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
   return cfg
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory):
+  """12 synthetic train JPEGs written as a TFDS imagenet2012."""
+  from bnn_jax import benchmark_input  # pylint: disable=g-import-not-at-top
+
+  data_dir = str(tmp_path_factory.mktemp("imagenet"))
+  benchmark_input.prepare(data_dir, num_train=12, num_validation=4)
+  return data_dir
 
 
 def _take(iterator, n):
@@ -137,6 +148,26 @@ def test_service_batches_are_the_local_batches(digits_cfg, service_address,
       remote, global_batch_size=64, seed=3), 25), local)
   _assert_same_batches(_take(input_pipeline.train_iterator(
       remote, global_batch_size=64, seed=3, start_step=20), 5), local[20:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shuffle_buffer_size", [None, 4])
+def test_service_imagenet_batches_are_the_local_batches(
+    service_address, imagenet_dir, shuffle_buffer_size):
+  """The per-example recipe (JPEG crops) on the workers: same batches."""
+  cfg = input_pipeline.default_dataset_config("imagenet2012")
+  cfg.data_dir = imagenet_dir
+  cfg.image_size = 24
+  cfg.shuffle_buffer_size = shuffle_buffer_size
+  remote = cfg.copy_and_resolve_references()
+  remote.data_service_address = service_address
+  # 12 // 4 = 3 steps per epoch: 5 batches cross into epoch 1.
+  local = _take(input_pipeline.train_iterator(
+      cfg, global_batch_size=4, seed=1), 5)
+  _assert_same_batches(_take(input_pipeline.train_iterator(
+      remote, global_batch_size=4, seed=1), 5), local)
+  _assert_same_batches(_take(input_pipeline.train_iterator(
+      remote, global_batch_size=4, seed=1, start_step=2), 3), local[2:])
 
 
 @pytest.mark.slow
