@@ -20,10 +20,10 @@ that path must be on a file system they share (or GCS).
 
 How the trainer reads (`distribute`): each training process numbers its
 unaugmented batches by step and sends that tf.data graph to the service as
-one job. Worker i of N keeps steps i, i + N, i + 2N, ... (the graph's
-`shard(SHARD_HINT, SHARD_HINT)`, static sharding) and augments only those;
-every worker reads and shuffles the (still encoded) records of the whole
-stream, which costs little next to decoding. The trainer reads the workers
+one job. Worker i of N keeps steps i, i + N, i + 2N, ... (`shard_by_step`,
+on tf.data's static sharding) and augments only those; every worker reads
+and shuffles the (still encoded) records of the whole stream, which costs
+little next to decoding. The trainer reads the workers
 in turn (coordinated reads, one consumer) and restores the step order by
 the step numbers. So:
 
@@ -31,8 +31,8 @@ the step numbers. So:
   of (config, seed, process count), bit for bit, whatever the number of
   workers; resuming at step k builds a new job that starts at batch k.
 * Every worker named in the dispatcher's list must run: a missing worker's
-  steps never come (the trainer stops with an error once it holds
-  `MAX_PENDING` later batches, or waits if nothing comes at all). A
+  steps never come (the trainer stops with an error once `MAX_PENDING`
+  other batches came instead, or waits if nothing comes at all). A
   restarted worker replays its share of the job from the start; the
   trainer drops the batches it already has and waits until it catches up.
 * Evaluation still runs in the training process.
@@ -116,6 +116,25 @@ def check_reachable(address: str,
       time.sleep(0.2)
 
 
+def shard_by_step(numbered: tf.data.Dataset) -> tf.data.Dataset:
+  """On the service's worker i of N: the elements whose step % N == i.
+
+  The worker learns (i, N) from the first two elements, i and i + N, of an
+  endless counter sharded with `shard(SHARD_HINT, SHARD_HINT)` (which the
+  service replaces with `shard(N, i)`): a share may then be empty, which a
+  hint on `numbered` itself does not allow.
+
+  Args:
+    numbered: (step int64 scalar, ...) elements.
+  """
+  slot = tf.data.Dataset.counter().shard(
+      tf.data.experimental.SHARD_HINT,
+      tf.data.experimental.SHARD_HINT).batch(2).take(1)
+  return slot.flat_map(lambda first_two: numbered.filter(
+      lambda step, *rest: tf.equal(
+          step % (first_two[1] - first_two[0]), first_two[0])))
+
+
 def distribute(numbered_batches: tf.data.Dataset, address: str, *,
                first_step: int,
                num_batches: Optional[int] = None) -> Iterator[Any]:
@@ -123,9 +142,8 @@ def distribute(numbered_batches: tf.data.Dataset, address: str, *,
 
   Args:
     numbered_batches: (step int64 scalar, batch) elements in increasing step
-      order, step numbers consecutive, with a `shard(SHARD_HINT,
-      SHARD_HINT)` where the workers should split the steps (before the
-      expensive work).
+      order, step numbers consecutive, split among the workers by
+      `shard_by_step` before the expensive work.
     address: the dispatcher, 'host:port' or 'grpc://host:port'.
     first_step: the step number of the first batch.
     num_batches: how many batches to yield (None: forever; the dataset must
@@ -141,8 +159,15 @@ def distribute(numbered_batches: tf.data.Dataset, address: str, *,
   """
   target = check_reachable(address)
   if num_batches is not None:
-    # Coordinated reads need an infinite dataset; only num_batches are read.
-    numbered_batches = numbered_batches.repeat()
+    # Coordinated reads need every worker's share to be infinite: after its
+    # steps a worker sends filler batches numbered -1, which are dropped.
+    # (Not `repeat()`: a share may be empty, and a repeated epoch would be
+    # shuffled anew.)
+    filler = tf.data.Dataset.from_tensors(tf.nest.map_structure(
+        lambda spec: tf.zeros(spec.shape, spec.dtype),
+        numbered_batches.element_spec)).map(
+            lambda step, batch: (step - 1, batch)).repeat()
+    numbered_batches = numbered_batches.concatenate(filler)
   numbered_batches = numbered_batches.apply(
       tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
   ds = numbered_batches.apply(_service.distribute(
@@ -152,21 +177,24 @@ def distribute(numbered_batches: tf.data.Dataset, address: str, *,
       compression=None))  # Float pixels hardly compress; spare the CPUs.
   ds = ds.prefetch(tf.data.AUTOTUNE)
   pending: dict[int, Any] = {}
-  due, yielded = first_step, 0
+  due, yielded, fillers = first_step, 0, 0
   for step, batch in ds.as_numpy_iterator():
     step = int(step)
-    if step < due:
-      continue  # A restarted worker replays batches already yielded.
-    pending[step] = batch
-    if due not in pending and len(pending) > MAX_PENDING:
+    if step >= due:
+      pending[step] = batch
+    elif step < 0:
+      fillers += 1  # From a worker that has sent all its steps.
+    # (0 <= step < due: a restarted worker's replay, dropped.)
+    if due not in pending and max(len(pending), fillers) > MAX_PENDING:
       raise RuntimeError(
-          f"the tf.data service at {address} sent {len(pending)} batches "
-          f"after step {due} but not step {due}: is every worker in the "
-          "dispatcher's --worker_addresses running?")
+          f"the tf.data service at {address} sent {len(pending)} later and "
+          f"{fillers} filler batches but not step {due}: is every worker in "
+          "the dispatcher's --worker_addresses running?")
     while due in pending:
       yield pending.pop(due)
       due += 1
       yielded += 1
+      fillers = 0
       if yielded == num_batches:
         return
 

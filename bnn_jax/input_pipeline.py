@@ -357,8 +357,7 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
     """
     ds = tf.data.Dataset.zip(tf.data.Dataset.counter(first_step),
                              ds.batch(local_batch, drop_remainder=True))
-    ds = ds.shard(tf.data.experimental.SHARD_HINT,
-                  tf.data.experimental.SHARD_HINT)  # Worker i: steps i mod N.
+    ds = data_service.shard_by_step(ds)  # Worker i of N: steps i mod N.
     if recipe.batched:
       ds = ds.map(lambda step, batch: (step, prepare_example(
           batch[0][0], batch[1][0], batch[2])),
