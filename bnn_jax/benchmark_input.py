@@ -3,6 +3,7 @@
   python -m bnn_jax.benchmark_input [--data_dir=/tmp/bnn_jax_synthetic_imagenet]
       [--num_train=2048] [--num_validation=1024] [--batch_size=256]
       [--batches=40] [--shuffle_buffer_size=512] [--cpus=N] [--json]
+      [--levers [--rounds=5]]
 
 Measures `input_pipeline.train_iterator` and `eval_iterator` for
 `imagenet2012`, exactly as training runs them on one host (numpy batches, no
@@ -28,6 +29,11 @@ split, after one untimed pass.
 `--cpus=N` pins the process to N of its CPUs before TensorFlow starts, so
 tf.data's thread pool (sized by the CPUs it may use) has N threads: run it
 with 1, 2, ... to see how the pipeline scales with host cores.
+
+`--levers` times the train recipe's per-example preprocessing against
+variants that each change one thing (resize without antialiasing, libjpeg's
+fast IDCT, uint8 output, tf.data threading and optimisation options, the
+JPEG crop-decode alone), in interleaved rounds (`lever_rates`).
 """
 
 from __future__ import annotations

@@ -96,6 +96,26 @@ def test_bad_address_is_one_line():
       "host-1.example", 5050)
 
 
+@pytest.mark.slow
+def test_cli_bad_address_is_one_line_before_training(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "bnn_jax.main", "--config=configs/digits.py",
+       f"--workdir={workdir}", f"--config.dataset.data_dir={tmp_path}",
+       "--config.dataset.data_service_address=dispatcher-host"],
+      cwd=_REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert errors == [
+      "error: config.dataset.data_service_address='dispatcher-host' is not "
+      "host:port (e.g. localhost:5050 or grpc://dispatcher-host:5050)"
+  ], proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists() or not any(workdir.iterdir())
+
+
 def test_unreachable_dispatcher_fails_fast(digits_cfg):
   cfg = digits_cfg.copy_and_resolve_references()
   cfg.data_service_address = f"localhost:{_free_port_block(1)}"
