@@ -154,8 +154,9 @@ def distribute(numbered_batches: tf.data.Dataset, address: str, *,
 
   Raises:
     DataServiceError: the dispatcher does not answer.
-    RuntimeError: more than MAX_PENDING later batches arrived while one was
-      missing (a worker in the dispatcher's list is not running).
+    RuntimeError: more than MAX_PENDING later (or filler) batches arrived
+      while one was missing (a worker in the dispatcher's list is not
+      running).
   """
   target = check_reachable(address)
   if num_batches is not None:
