@@ -88,17 +88,18 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def check_reachable(address: str,
-                    timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+                    timeout_s: Optional[float] = None) -> str:
   """The dispatcher's 'grpc://host:port' once its port accepts connections.
 
   tf.data's own client retries an absent dispatcher for a long time; this
-  check fails fast instead.
+  check fails fast instead, after `timeout_s` (None: CONNECT_TIMEOUT_S).
 
   Raises:
     DataServiceError: the address is malformed or nothing listens there
       within `timeout_s`.
   """
   host, port = parse_address(address)
+  timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
   deadline = time.monotonic() + timeout_s
   while True:
     try:
