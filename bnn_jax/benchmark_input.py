@@ -3,6 +3,7 @@
   python -m bnn_jax.benchmark_input [--data_dir=/tmp/bnn_jax_synthetic_imagenet]
       [--num_train=2048] [--num_validation=1024] [--batch_size=256]
       [--batches=40] [--shuffle_buffer_size=512] [--cpus=N] [--json]
+      [--levers [--rounds=5]]
 
 Measures `input_pipeline.train_iterator` and `eval_iterator` for
 `imagenet2012`, exactly as training runs them on one host (numpy batches, no
@@ -28,6 +29,11 @@ split, after one untimed pass.
 `--cpus=N` pins the process to N of its CPUs before TensorFlow starts, so
 tf.data's thread pool (sized by the CPUs it may use) has N threads: run it
 with 1, 2, ... to see how the pipeline scales with host cores.
+
+`--levers` times the train recipe's per-example preprocessing against
+variants that each change one thing (resize without antialiasing, libjpeg's
+fast IDCT, uint8 output, tf.data threading and optimisation options, the
+JPEG crop-decode alone), in interleaved rounds (`lever_rates`).
 """
 
 from __future__ import annotations
@@ -63,6 +69,11 @@ flags.DEFINE_integer("shuffle_buffer_size", 512, "Train shuffle buffer "
                      "window shuffle path).")
 flags.DEFINE_integer("cpus", None, "Pin to this many CPUs (default: all "
                      "this process may use).")
+flags.DEFINE_bool("levers", False, "Instead: time the train recipe's "
+                  "per-example preprocessing against variants (cheaper "
+                  "resize, IDCT, uint8 output, tf.data options), in "
+                  "interleaved rounds.")
+flags.DEFINE_integer("rounds", 5, "Interleaved rounds of --levers.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 
 # (height, width) of common ImageNet photos, both orientations.
@@ -214,6 +225,101 @@ def measure(data_dir: str, *, batch_size: int, image_size: int, warmup: int,
   }
 
 
+def _lever_variants(image_size: int) -> dict:
+  """name -> (per-example fn(encoded, seed), tf.data options or None).
+
+  "recipe" is the train recipe exactly as the pipeline runs it per example
+  (fused decode + random-resized crop, antialiased resize, flip, float32
+  normalisation); every other variant changes one thing.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from bnn_jax import preprocess  # pylint: disable=g-import-not-at-top
+
+  recipe = preprocess.get_recipe("imagenet2012")
+
+  def train(**kwargs):
+    return lambda encoded, seed: preprocess.normalise(
+        recipe.train(encoded, image_size, seed, **kwargs), recipe)
+
+  def uint8_out(encoded, seed):  # What a device-side normalisation needs.
+    return tf.cast(tf.round(recipe.train(encoded, image_size, seed) * 255.0),
+                   tf.uint8)
+
+  def crop_decode_only(encoded, seed):  # The JPEG work alone.
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.image.extract_jpeg_shape(encoded),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    top, left, _ = tf.unstack(begin)
+    height, width, _ = tf.unstack(crop_size)
+    image = tf.image.decode_and_crop_jpeg(
+        encoded, tf.stack([top, left, height, width]), channels=3)
+    return tf.reduce_sum(tf.cast(image, tf.int32))  # Keeps it from pruning.
+
+  single_op_thread = tf.data.Options()
+  single_op_thread.threading.max_intra_op_parallelism = 1
+  no_optimizations = tf.data.Options()
+  no_optimizations.experimental_optimization.apply_default_optimizations = (
+      False)
+  return {
+      "recipe": (train(), None),
+      "resize_no_antialias": (train(antialias=False), None),
+      "jpeg_integer_fast_idct": (train(dct_method="INTEGER_FAST"), None),
+      "uint8_output": (uint8_out, None),
+      "max_intra_op_parallelism_1": (train(), single_op_thread),
+      "no_default_optimizations": (train(), no_optimizations),
+      "crop_and_decode_only": (crop_decode_only, None),
+  }
+
+
+def lever_rates(data_dir: str, *, image_size: int, batch_size: int,
+                batches: int, rounds: int) -> dict:
+  """Train images/s of the per-example recipe and its variants, interleaved.
+
+  The train JPEGs are read into memory once (no file I/O in the timing);
+  every variant maps its per-example function over them (parallel,
+  deterministic, as the pipeline does), batches and prefetches. Each round
+  times every variant once, after 2 untimed batches, so a machine shared
+  with other jobs slows all variants alike within a round.
+
+  Returns:
+    {variant: {"images_per_s": median over rounds, "vs_recipe": median
+    over rounds of (variant rate / recipe rate) in the same round}}.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder("imagenet2012", data_dir=data_dir)
+  encoded = [example["image"] for example in tfds.as_numpy(
+      builder.as_dataset(split="train",
+                         decoders={"image": tfds.decode.SkipDecoding()}))]
+  records = tf.data.Dataset.from_tensor_slices(encoded).cache()
+  rates: dict[str, list[float]] = {}
+  for _ in range(rounds):
+    for name, (fn, options) in _lever_variants(image_size).items():
+      ds = tf.data.Dataset.zip(
+          records.repeat(),
+          tf.data.Dataset.range(1 << 62).map(lambda i: tf.stack([i, i])))
+      ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+      if options is not None:
+        ds = ds.with_options(options)
+      iterator = iter(ds.as_numpy_iterator())
+      for _ in range(2):
+        next(iterator)
+      start = time.perf_counter()
+      for _ in range(batches):
+        next(iterator)
+      rates.setdefault(name, []).append(
+          batches * batch_size / (time.perf_counter() - start))
+  base = np.array(rates["recipe"])
+  return {name: {"images_per_s": round(float(np.median(r)), 1),
+                 "vs_recipe": round(float(np.median(np.array(r) / base)), 3)}
+          for name, r in rates.items()}
+
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -227,6 +333,20 @@ def main(argv) -> None:
 
   tf.config.set_visible_devices([], "GPU")
   builder = prepare(FLAGS.data_dir, FLAGS.num_train, FLAGS.num_validation)
+  if FLAGS.levers:
+    levers = lever_rates(FLAGS.data_dir, image_size=FLAGS.image_size,
+                         batch_size=FLAGS.batch_size, batches=FLAGS.batches,
+                         rounds=FLAGS.rounds)
+    if FLAGS.json:
+      print(json.dumps({"cpus_used": len(os.sched_getaffinity(0)),
+                        "levers": levers}))
+      return
+    print(f"train preprocessing levers on {len(os.sched_getaffinity(0))} "
+          f"CPUs (median of {FLAGS.rounds} interleaved rounds):")
+    for name, row in levers.items():
+      print(f"  {name:28s} {row['images_per_s']:8.1f} images/s  "
+            f"{row['vs_recipe']:.3f}x the recipe")
+    return
   result = {
       "host": platform.node(),
       "cpu": platform.processor() or platform.machine(),

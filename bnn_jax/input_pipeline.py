@@ -45,6 +45,13 @@ imagenet2012, whose epochs are then a window shuffle of a freshly shuffled
 file order of the host's shard. A buffer that holds the host's shard but
 not the whole split shuffles (and caches) the host's shard whole.
 
+tf.data service (`data_service_address` = a dispatcher's host:port): the
+training batches are prepared on the service's workers instead of this
+process. The process numbers its unaugmented batches by step, worker i of N
+augments steps i, i + N, ..., and the process puts them back in step order,
+so batch k is bit for bit the local batch k, whatever the number of workers
+(`bnn_jax.data_service`). Evaluation stays in the process.
+
 Evaluation batches (`eval_iterator`): dict(image, label, mask=bool [B]),
 finite. Process p reads part p of `tfds.even_splits(split, P)` (sizes
 differ by at most one), every example exactly once, then pads with filler
@@ -74,6 +81,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+from bnn_jax import data_service  # noqa: E402
 from bnn_jax import preprocess  # noqa: E402
 from bnn_jax.preprocess import default_dataset_config  # noqa: E402,F401
 
@@ -117,6 +125,8 @@ def _complete(dataset_cfg: ml_collections.ConfigDict
   """`dataset_cfg` over `default_dataset_config(dataset_cfg.name)`."""
   cfg = default_dataset_config(dataset_cfg.name)
   cfg.update(dataset_cfg.to_dict())  # plain values, not FieldReferences
+  if cfg.data_service_address:  # A malformed address fails before any work.
+    data_service.parse_address(cfg.data_service_address)
   return cfg
 
 
@@ -276,8 +286,12 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
 
   Raises:
     DatasetNotFoundError: the data set is not prepared in its data_dir.
+    data_service.DataServiceError: `data_service_address` is malformed or
+      no dispatcher answers there.
   """
   cfg = _complete(dataset_cfg)
+  if cfg.data_service_address:  # Fail now, not at the first batch.
+    data_service.check_reachable(cfg.data_service_address)
   builder = _builder(cfg)
   info = _info(cfg, builder)
   steps = steps_per_epoch(info, global_batch_size)
@@ -333,12 +347,41 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
       images = recipe.train(images, size, tf.stack([augment_seed, position]))
     return {"image": preprocess.normalise(images, recipe), "label": labels}
 
-  def to_batches(examples: tf.data.Dataset, skip: int) -> Iterator[Batch]:
+  def service_batches(ds: tf.data.Dataset, first_step: int,
+                      num_batches: Optional[int]) -> Iterator[Batch]:
+    """The batches of `ds` (this process's examples), prepared remotely.
+
+    The unaugmented batches are numbered by step and cut by step among the
+    tf.data service's workers (`data_service.distribute`), which run
+    exactly the local pipeline's ops on them.
+    """
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(first_step),
+                             ds.batch(local_batch, drop_remainder=True))
+    ds = data_service.shard_by_step(ds)  # Worker i of N: steps i mod N.
+    if recipe.batched:
+      ds = ds.map(lambda step, batch: (step, prepare_example(
+          batch[0][0], batch[1][0], batch[2])),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+      ds = ds.map(lambda step, batch: (tf.fill([local_batch], step), *batch))
+      ds = ds.unbatch().map(
+          lambda step, *example: (step, prepare_example(*example)),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      ds = ds.batch(local_batch, drop_remainder=True).map(
+          lambda steps, batch: (steps[0], batch))
+    return (_to_global(batch, sharding) for batch in data_service.distribute(
+        ds, cfg.data_service_address, first_step=first_step,
+        num_batches=num_batches))
+
+  def to_batches(examples: tf.data.Dataset, skip: int, first_step: int,
+                 num_batches: Optional[int]) -> Iterator[Batch]:
     # Skip before augmenting: resuming does not redo the skipped examples.
     ds = examples.skip(skip * stream_batch)
     if stream_batch != local_batch:  # Keep this process's rows of each step.
       ds = ds.filter(lambda seed_, position, example_: tf.equal(
           position % stream_batch // local_batch, slot))
+    if cfg.data_service_address:
+      return service_batches(ds, first_step, num_batches)
     if recipe.batched:
       ds = ds.batch(local_batch, drop_remainder=True).map(
           lambda seeds, positions, batch: prepare_example(seeds[0], positions[0],
@@ -359,15 +402,17 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
       records = _read(builder, split, recipe).cache()
       yield from to_batches(
           tf.data.Dataset.counter(first_epoch).flat_map(
-              lambda epoch: epoch_examples(records, epoch)), skip_steps)
+              lambda epoch: epoch_examples(records, epoch)), skip_steps,
+          start_step, None)
     else:
       # A window shuffle: each epoch also reads the files in a fresh order.
       for epoch in itertools.count(first_epoch):
         epoch_tensor = tf.constant(epoch, tf.int64)
         shuffle_seed, _ = _epoch_seeds(seed, shard, epoch_tensor)
         records = _read(builder, split, recipe, int(shuffle_seed))
-        yield from to_batches(epoch_examples(records, epoch_tensor),
-                              skip_steps if epoch == first_epoch else 0)
+        skip = skip_steps if epoch == first_epoch else 0
+        yield from to_batches(epoch_examples(records, epoch_tensor), skip,
+                              epoch * steps + skip, steps - skip)
 
   return batches()
 

@@ -45,7 +45,7 @@ CONFIG_FILE = "config.json"
 OPERATIONAL_FIELDS = ("log_every_steps", "eval_every_epochs",
                       "checkpoint_every_steps", "keep_checkpoints",
                       "phase_order", "dataset.data_dir", "dynamics",
-                      "cpu_malloc")
+                      "cpu_malloc", "dataset.data_service_address")
 
 
 def phase_names(config: ml_collections.ConfigDict) -> list[str]:

@@ -30,8 +30,6 @@ ends as float32 [H, W, C] = (pixel / 255 - mean) / std, per channel.
   mean/std (of all pixels of the 1437 train images on [0, 1], population
     std; one channel): (0.30543,) / (0.37596,).
 
-`augment=False` gives the train split the eval preprocessing.
-
 `augment=False` gives the train split the eval preprocessing. The host side
 (reading, sharding per process, batching, iterators) is
 `bnn_jax.input_pipeline`.
@@ -66,9 +64,20 @@ def _to_unit_float(images: tf.Tensor, size: int) -> tf.Tensor:
   return images
 
 
-def _imagenet_train(encoded: tf.Tensor, size: int,
-                    seed: tf.Tensor) -> tf.Tensor:
-  """Fused decode + random-resized crop, resize, random horizontal flip."""
+def _imagenet_train(encoded: tf.Tensor, size: int, seed: tf.Tensor, *,
+                    antialias: bool = True,
+                    dct_method: str = "") -> tf.Tensor:
+  """Fused decode + random-resized crop, resize, random horizontal flip.
+
+  Args:
+    encoded: one JPEG, scalar string.
+    size: output size.
+    seed: int64 [2].
+    antialias: antialiased bilinear resize (the recipe; False only for the
+      input benchmark's lever measurements).
+    dct_method: libjpeg's IDCT ("" = its accurate default; "INTEGER_FAST"
+      only for the lever measurements).
+  """
   crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.image.extract_jpeg_shape(encoded),
@@ -82,9 +91,10 @@ def _imagenet_train(encoded: tf.Tensor, size: int,
   top, left, _ = tf.unstack(begin)
   height, width, _ = tf.unstack(crop_size)
   image = tf.image.decode_and_crop_jpeg(
-      encoded, tf.stack([top, left, height, width]), channels=3)
+      encoded, tf.stack([top, left, height, width]), channels=3,
+      dct_method=dct_method)
   image = tf.image.resize(image, [size, size], method="bilinear",
-                          antialias=True) / 255.0
+                          antialias=antialias) / 255.0
   return tf.image.stateless_random_flip_left_right(image, flip_seed)
 
 
@@ -222,7 +232,10 @@ def default_dataset_config(name: str) -> ml_collections.ConfigDict:
   Fields: name; data_dir (None: TFDS's default, `$TFDS_DATA_DIR` or
   `~/tensorflow_datasets`); train_split; eval_split; image_size (None: the
   data set's own, 224 / 32 / 8); augment (train augmentation on/off);
-  shuffle_buffer_size (None: the whole per-process train split).
+  shuffle_buffer_size (None: the whole per-process train split);
+  data_service_address (None: preprocess in this process; 'host:port' of a
+  tf.data service dispatcher: the training batches are prepared on its
+  workers, the same batches bit for bit, see `bnn_jax.data_service`).
 
   Args:
     name: 'digits', 'cifar10' or 'imagenet2012'.
@@ -241,6 +254,7 @@ def default_dataset_config(name: str) -> ml_collections.ConfigDict:
       "augment": True,
       "shuffle_buffer_size": config_dict.FieldReference(
           recipe.shuffle_buffer_size, field_type=int),
+      "data_service_address": config_dict.placeholder(str),
   })
 
 

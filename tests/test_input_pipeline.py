@@ -74,7 +74,7 @@ def test_default_config_has_every_field():
   assert cfg.to_dict() == {
       "name": "imagenet2012", "data_dir": None, "train_split": "train",
       "eval_split": "validation", "image_size": None, "augment": True,
-      "shuffle_buffer_size": 50_000}
+      "shuffle_buffer_size": 50_000, "data_service_address": None}
   assert input_pipeline.default_dataset_config("cifar10").eval_split == "test"
   with pytest.raises(ValueError, match="Unknown data set"):
     input_pipeline.default_dataset_config("mnist")
