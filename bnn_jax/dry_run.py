@@ -241,8 +241,9 @@ def plan(config: ml_collections.ConfigDict) -> list[str]:
     if epochs == 0 and not phase.init_from:
       needs.append(f"phase {name!r} trains 0 epochs and loads nothing: set "
                    f"--{where}.init_from=<checkpoint dir>")
-    elif phase.init_from not in ("", "previous") and not os.path.isdir(
-        phase.init_from):
+    elif (phase.init_from not in ("", "previous")
+          and "://" not in phase.init_from  # remote: checked by the run
+          and not os.path.isdir(phase.init_from)):
       needs.append(f"{where}.init_from={phase.init_from!r} is not a "
                    "directory: pass a bnn_jax checkpoint directory")
   if needs:
