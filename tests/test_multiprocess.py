@@ -8,10 +8,12 @@ weights and activations, distilled from the teacher) at a real learning
 rate, on the same global batches. Each device computes the same partitioned
 step on the same 32 examples in both runs, and every cross-device reduction
 adds exactly two partial values (a + b == b + a in IEEE arithmetic), so the
-reduction order matches: the final parameters and BatchNorm statistics are
-required to be BITWISE equal (params_sha256), not merely close. Evaluation
-over an odd-sized split (359 examples: 180 and 179 per process) counts every
-example once.
+reduction order matches: the final parameters, BatchNorm statistics and
+training losses are required to be BITWISE equal (params_sha256), not
+merely close. Evaluation over an odd-sized split (359 examples: 180 and 179
+per process) counts every example once: equal top-1/top-5, and the loss
+within 1e-6 relative (the processes place the examples in other batch rows,
+so its sum runs in another order).
 """
 
 import json
@@ -56,7 +58,7 @@ _OVERRIDES = {
     "phases.step2.optimizer.schedule": "constant",
     "phases.step2.model.width_multiplier": 0.25,
 }
-_TIMEOUT_S = 300
+_TIMEOUT_S = 900  # generous: CI machines may be shared
 
 
 # ---------------------------------------------------------------------------
@@ -212,7 +214,13 @@ def test_two_processes_match_one_process(two_runs):
     # Evaluation over the odd-sized split: every example exactly once.
     assert one_meta["last_eval"]["eval/count"] == 359
     assert two_meta["last_eval"]["eval/count"] == 359
-    assert two_meta["last_eval"] == one_meta["last_eval"]
+    # Integer hit counts agree exactly; the loss sum is not bitwise: with two
+    # processes each reads its own half of the split, so the examples sit
+    # in other rows of the eval batches and are summed in another order.
+    for key in ("eval/top1", "eval/top5"):
+      assert two_meta["last_eval"][key] == one_meta["last_eval"][key]
+    np.testing.assert_allclose(two_meta["last_eval"]["eval/loss"],
+                               one_meta["last_eval"]["eval/loss"], rtol=1e-6)
   # The student's BatchNorm statistics moved from their init (var 1).
   moved = [float(np.abs(layer["var"] - 1).max()) for layer in
            jax.tree.leaves(final_one["step2"]["batch_stats"],
