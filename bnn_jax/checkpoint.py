@@ -15,9 +15,13 @@ hand-off, `init_from`, teachers and evaluation.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -63,10 +67,9 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state),
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for bad files.
-      raise CheckpointError(
-          f"cannot restore checkpoint {self.directory}/{step}: "
-          f"{type(e).__name__}: {_first_line(e)}; delete that step directory "
-          f"to fall back to an earlier one, or start a new --workdir") from e
+      _ignore_closed_event_loop()
+      raise corrupt_checkpoint_error(self.directory, step,
+                                     self._mngr.all_steps(), e) from e
     return restored.state, dict(restored.meta)
 
   def reached_preemption(self, step: int) -> bool:
@@ -77,9 +80,105 @@ class Checkpointer:
     self._mngr.close()
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return text[0] if text else ""
+# ---------------------------------------------------------------------------
+# Corrupt checkpoints: one readable line naming the step and the fallback.
+# ---------------------------------------------------------------------------
+# The small JSON files of a step directory (orbax's and ours), checked in
+# this order when a restore fails without naming a file.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/_sharding",
+               "state/array_metadatas/*", "meta/metadata")
+# TensorStore errors name what they read: 'Error reading "<array key>" in
+# OCDBT database at local file "<path>": <reason> [tensorstore_spec...]'.
+_TS_FILE = re.compile(r'file "([^"]+)": ')
+_TS_KEY = re.compile(r'Error reading "([^"]+)" in OCDBT database')
+
+
+def _messages(e: BaseException) -> list[str]:
+  """The messages of `e` and its causes, outermost first."""
+  out, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    out.append(str(e))
+    e = e.__cause__ or e.__context__
+  return out
+
+
+def _bad_json_file(step_dir: str) -> Optional[str]:
+  """The first of the step's JSON files that does not parse, relative to it."""
+  root = epath.Path(step_dir)
+  for pattern in _JSON_FILES:
+    for path in sorted(root.glob(pattern)):
+      try:
+        json.loads(path.read_text())
+      except (ValueError, OSError):
+        return str(path.relative_to(root))
+  return None
+
+
+def _what_is_wrong(step_dir: str, error: BaseException) -> str:
+  """A short description of why restoring `step_dir` failed."""
+  messages = _messages(error)
+  for text in reversed(messages):  # innermost first: the actual read
+    files = list(_TS_FILE.finditer(text))
+    if files:  # the last file named is the one whose read failed
+      path = files[-1].group(1)
+      reason = text[files[-1].end():].split(" [tensorstore_spec")[0]
+      reason = " ".join(reason.split())
+      key = _TS_KEY.findall(text)
+      prefix = os.path.join(step_dir, "")
+      where = (path[len(prefix):] if path.startswith(prefix) else path
+               ).rstrip("/") or "."
+      what = f"array {key[-1]} in {where}" if key else where
+      return f"{what}: {reason[:160]}"
+  bad = _bad_json_file(step_dir)
+  if bad is not None:
+    return f"{bad} is not valid JSON (truncated?)"
+  text = messages[-1].split(" See full TensorStore details")[0]
+  text = " ".join(text.split())
+  return f"{type(error).__name__}: {text[:160]}"
+
+
+def _ignore_closed_event_loop() -> None:
+  """Silences the "Event loop is closed" reports that follow a failed restore.
+
+  When one read of a restore fails, orbax closes its asyncio event loop
+  while TensorStore is still completing the step's other reads; their
+  callbacks then find the loop closed, and Python reports each at exit as
+  an unraisable RuntimeError with a traceback. Only that exact error is
+  dropped; every other unraisable report goes to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "ignores_closed_event_loop", False):
+    return
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  hook.ignores_closed_event_loop = True
+  sys.unraisablehook = hook
+
+
+def corrupt_checkpoint_error(directory: str, step: int, all_steps,
+                             error: BaseException) -> CheckpointError:
+  """The one-line error for a step directory that cannot be restored.
+
+  Names the step directory, the file (or array) that failed and why, and
+  the fallback: delete the step directory, so that the run resumes from the
+  previous step kept (or retrains the phase when there is none).
+  """
+  step_dir = os.path.join(directory, str(step))
+  earlier = sorted(s for s in all_steps if s < step)
+  fallback = (f"delete {step_dir} to fall back to step {earlier[-1]}"
+              if earlier else
+              f"no earlier step is kept: delete {step_dir} to start that "
+              "phase afresh")
+  return CheckpointError(
+      f"checkpoint {step_dir} is corrupt or truncated "
+      f"({_what_is_wrong(step_dir, error)}); {fallback}, or start a new "
+      "--workdir")
 
 
 def save_variables(directory: str, variables: dict, meta: dict,
@@ -145,11 +244,10 @@ def load_variables(directory: str, step: Optional[int] = None
                             "a bnn_jax checkpoint")
   except CheckpointError:
     raise
-  except Exception as e:
-    raise CheckpointError(
-        f"cannot read checkpoint {directory}/{step}: {type(e).__name__}: "
-        f"{_first_line(e)}; it may be truncated or not a bnn_jax "
-        "checkpoint") from e
+  except Exception as e:  # orbax raises many types for bad files.
+    _ignore_closed_event_loop()
+    raise corrupt_checkpoint_error(directory, step, mngr.all_steps(),
+                                   e) from e
   finally:
     mngr.close()
   variables = {"params": state["params"],

@@ -53,10 +53,14 @@ so batch k is bit for bit the local batch k, whatever the number of workers
 (`bnn_jax.data_service`). Evaluation stays in the process.
 
 Evaluation batches (`eval_iterator`): dict(image, label, mask=bool [B]),
-finite. Process p reads part p of `tfds.even_splits(split, P)` (sizes
-differ by at most one), every example exactly once, then pads with filler
-examples (all-zero image before or after normalisation, label 0, mask
-False) to ceil(ceil(N / P) / (B / P)) batches, the same on every process.
+finite, for any requested batch E on any topology: B is E rounded up to a
+multiple of the device count D (of the process count without `sharding`),
+`topology.padded_eval_batch_size`. Process p reads part p of
+`tfds.even_splits(split, P)` (sizes differ by at most one), every example
+exactly once, then pads with filler examples (all-zero image before or
+after normalisation, label 0, mask False) to ceil(ceil(N / P) / (B / P))
+batches, the same on every process. Sums over the unmasked rows therefore
+count every example once, whatever D and P.
 
 With `sharding` (e.g. `NamedSharding(mesh, P('data'))`) the per-process
 batches become global `jax.Array`s through
@@ -83,6 +87,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from bnn_jax import data_service  # noqa: E402
 from bnn_jax import preprocess  # noqa: E402
+from bnn_jax import topology  # noqa: E402
 from bnn_jax.preprocess import default_dataset_config  # noqa: E402,F401
 
 __all__ = [
@@ -425,16 +430,18 @@ def eval_iterator(dataset_cfg: ml_collections.ConfigDict, *,
 
   Args:
     dataset_cfg: see `default_dataset_config`; missing fields take defaults.
-    global_batch_size: examples per batch over all processes.
+    global_batch_size: requested examples per batch over all processes, any
+      positive number: rounded up to B, the next multiple of the devices of
+      `sharding` (of the process count without one).
     sharding: as in `train_iterator`.
     split: the TFDS split (any sub-split syntax); None means
       `dataset_cfg.eval_split`.
 
   Returns:
     An iterator of dict(image=float32 [B, H, W, C], label=int32 [B],
-    mask=bool [B]); mask is False on the filler examples that pad the last
-    batches. Every process yields ceil(ceil(N / process_count) / B_local)
-    batches.
+    mask=bool [B]) (per-process B / P rows without `sharding`); mask is
+    False on the filler examples that pad the last batches. Every process
+    yields ceil(ceil(N / process_count) / (B / process_count)) batches.
 
   Raises:
     DatasetNotFoundError: the data set is not prepared in its data_dir.
@@ -442,6 +449,10 @@ def eval_iterator(dataset_cfg: ml_collections.ConfigDict, *,
   cfg = _complete(dataset_cfg)
   builder = _builder(cfg)
   split = split or cfg.eval_split
+  shards = (jax.process_count() if sharding is None else
+            len(sharding.device_set))
+  global_batch_size = topology.padded_eval_batch_size(global_batch_size,
+                                                      shards)
   slot, num_slots = _process_slot(global_batch_size, sharding)
   local_batch = global_batch_size // num_slots
   num_examples = builder.info.splits[split].num_examples

@@ -38,6 +38,10 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and "
                     "results.json; re-running continues the run in it.")
 flags.DEFINE_bool("debug", False, "Show full tracebacks on errors.")
+flags.DEFINE_bool("dry_run", False, "Check the config against this "
+                  "topology, trace every phase's shapes and print the plan "
+                  "(steps, batches, learning rates, checkpoints); reads no "
+                  "data, writes nothing (bnn_jax.dry_run).")
 flags.DEFINE_bool("overwrite", False, "If --workdir holds a run of a "
                   "different config, move it aside to <workdir>.replaced-<time> "
                   "and start afresh (without this flag such a workdir is "
@@ -76,10 +80,14 @@ def _run(argv) -> int:
   if started:
     print(f"distributed: {started}", flush=True)
 
+  logging.set_verbosity(logging.WARNING)
+  if FLAGS.dry_run:
+    from bnn_jax import dry_run
+    return dry_run.run(FLAGS.config, FLAGS.workdir)
+
   from bnn_jax import phases
   from bnn_jax import train
 
-  logging.set_verbosity(logging.WARNING)
   try:
     phases.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
   except train.Preempted as e:

@@ -36,6 +36,7 @@ from bnn_jax import input_pipeline
 from bnn_jax import losses
 from bnn_jax import malloc_defaults
 from bnn_jax import optim
+from bnn_jax import topology
 from bnn_jax import train
 
 RESULTS_FILE = "results.json"
@@ -75,32 +76,30 @@ def _check_dtype(field: str, value: Any) -> None:
                      "'bfloat16'")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict,
+             info: Optional[input_pipeline.DatasetInfo] = None,
+             check_inputs: bool = True) -> None:
   """Checks the whole run's config before anything trains; ValueError names the fix.
 
   Catches what would otherwise fail hours in: batch sizes that do not split
-  over the devices, BN groups that do not divide the per-device batch, an
-  unprepared data set, unknown model / optimizer / schedule / binariser
-  names, bad values, a 0-epoch phase with nothing to load, a KD loss without
-  a teacher, a teacher or `init_from` that is not available.
+  over the devices (`topology.batch_layout`), BN groups that do not divide
+  the per-device batch, an unprepared data set, unknown model / optimizer /
+  schedule / binariser names, bad values, a 0-epoch phase with nothing to
+  load, a KD loss without a teacher, a teacher or `init_from` that is not
+  available.
+
+  Args:
+    config: the run's config.
+    info: the data set's sizes; None reads them from the prepared data set.
+    check_inputs: also require what the run reads from outside the config
+      (a checkpoint for every 0-epoch phase, existing `init_from`
+      directories); `bnn_jax.dry_run` reports those instead.
   """
   names = phase_names(config)
-  devices = jax.device_count()
-  for field in ("batch_size", "eval_batch_size"):
-    value = config[field]
-    if value <= 0 or value % devices:
-      raise ValueError(f"config.{field}={value} must be a positive multiple "
-                       f"of the device count {devices}; set "
-                       f"--config.{field}=<multiple of {devices}>")
-  group = config.model.bn_group_size
-  per_device = config.batch_size // devices
-  if group is not None and (group <= 0 or per_device % group):
-    raise ValueError(f"config.model.bn_group_size={group} must divide the "
-                     f"per-device batch {per_device} (batch_size "
-                     f"{config.batch_size} over {devices} devices)")
+  topology.batch_layout(config, jax.device_count(), jax.process_count())
   _check_dtype("config.model.dtype", config.model.dtype)
   malloc_defaults.check_mode(config.cpu_malloc)
-  info = input_pipeline.get_info(config.dataset)
+  info = info or input_pipeline.get_info(config.dataset)
   input_pipeline.steps_per_epoch(info, config.batch_size)
   for index, name in enumerate(names):
     phase = config.phases[name]
@@ -108,7 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(phase.num_epochs, int) or phase.num_epochs < 0:
       raise ValueError(f"{where}.num_epochs={phase.num_epochs} must be an "
                        "integer >= 0")
-    if phase.num_epochs == 0 and not phase.init_from:
+    if check_inputs and phase.num_epochs == 0 and not phase.init_from:
       raise ValueError(f"phase {name!r} trains 0 epochs and loads nothing; "
                        f"set --{where}.init_from=<checkpoint dir> (e.g. from "
                        "python -m bnn_jax.import_torch) or num_epochs > 0")
@@ -116,8 +115,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"phase {name!r} has init_from='previous' but is the "
                        f"first phase run; set --{where}.init_from=<checkpoint "
                        "dir>")
-    if phase.init_from not in ("", "previous") and not os.path.isdir(
-        phase.init_from):
+    if check_inputs and phase.init_from not in ("", "previous") and (
+        not os.path.isdir(phase.init_from)):
       raise ValueError(f"{where}.init_from={phase.init_from!r} is not a "
                        "directory; pass a bnn_jax checkpoint directory")
     if phase.teacher and phase.teacher not in names[:index]:

@@ -183,8 +183,9 @@ def test_corrupt_checkpoint_is_reported_and_kept(config, tmp_path):
   snapshot = {os.path.join(r, n): os.path.getsize(os.path.join(r, n))
               for r, _, fs in os.walk(workdir) for n in fs}
   with pytest.raises(checkpoint_lib.CheckpointError,
-                     match=rf"cannot restore checkpoint .*/{latest}: .*delete "
-                     "that step directory"):
+                     match=rf"checkpoint .*/{latest} is corrupt or "
+                     rf"truncated \(.*\); delete .*/{latest} to fall back to "
+                     "step"):
     phases.run(config, workdir)
   after = {os.path.join(r, n): os.path.getsize(os.path.join(r, n))
            for r, _, fs in os.walk(workdir) for n in fs}
