@@ -1,8 +1,8 @@
 """Shared base of the analysis experiments (docs/analysis.md).
 
-This is bnn_jax/configs/analysis.py, which ships with the package (its docstring
-has the command and the expected result); this file keeps
---config=configs/analysis.py working from a checkout.
+A checkout's path to bnn_jax/configs/analysis.py, the config
+that ships with the package (its docstring has the command and the expected
+result): --config=configs/analysis.py keeps working.
 """
 
 from bnn_jax.configs.analysis import *  # noqa: F401,F403
