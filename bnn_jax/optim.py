@@ -174,9 +174,9 @@ def registered() -> tuple[str, ...]:
 
 def _unknown_name(field: str, name: Any) -> ValueError:
   return ValueError(
-      f"optimizer.{field}={name!r} is unknown; choose a built-in "
-      f"{list(OPTIMIZERS)}, a registered name {list(registered())} "
-      "(bnn_jax.optim.register) or a dotted optax path such as 'optax.lion'")
+      f"optimizer.{field}={name!r}; choose one of {list(OPTIMIZERS)}, a "
+      f"registered name {list(registered())} (bnn_jax.optim.register) or a "
+      "dotted optax path such as 'optax.lion'")
 
 
 def chain_factory(name: str, field: str = "name") -> Optional[ChainFactory]:

@@ -464,7 +464,7 @@ def test_bop_with_any_chain_for_the_rest():
 
 @pytest.mark.parametrize("cfg, message", [
     (dict(name="adamx"),
-     r"'adamx' is unknown; choose a built-in \['adam', 'adamw', 'sgd', "
+     r"optimizer.name='adamx'; choose one of \['adam', 'adamw', 'sgd', "
      r"'lamb', 'bop'\], a registered name .* or a dotted optax path"),
     (dict(name="optax.no_such_optimizer"), "dotted optax path"),
     (dict(name="optax.GradientTransformation"), "not an optax function"),
