@@ -1,7 +1,7 @@
 """notebooks/quickstart.ipynb runs end to end against the installed wheel.
 
-The notebook's kernel runs in a fresh venv (--system-site-packages on this
-interpreter, so the locked dependencies are there without a download) whose
+The notebook's kernel runs in a fresh venv (seeing this interpreter's
+packages, so the locked dependencies are there without a download) whose
 only bnn_jax is the wheel the notebook's own install cell puts there
 (`BNN_JAX_WHEEL`), with a working directory outside the checkout: what a
 Colab user gets, not the checkout on sys.path.
@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 
 import nbclient
 import nbformat
@@ -23,10 +24,22 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 
 
 def make_venv_kernel(tmp_path) -> str:
-  """A venv over this interpreter's packages and a Jupyter kernel in it."""
+  """A venv that sees this interpreter's packages, and a Jupyter kernel in it.
+
+  `venv --system-site-packages` would expose the base interpreter's packages,
+  not those of the (virtual) environment running the tests, so a .pth file
+  adds the latter's site-packages instead.
+  """
   venv = tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages",
-                  str(venv)], check=True, timeout=300)
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                 timeout=300)
+  site = subprocess.run(
+      [str(venv / "bin" / "python"), "-c",
+       "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+      check=True, capture_output=True, text=True).stdout.strip()
+  parent = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+  with open(os.path.join(site, "test_parent_env.pth"), "w") as f:
+    f.write("\n".join(sorted(parent)) + "\n")
   spec_dir = tmp_path / "jupyter" / "kernels" / "bnn_wheel"
   spec_dir.mkdir(parents=True)
   (spec_dir / "kernel.json").write_text(json.dumps({

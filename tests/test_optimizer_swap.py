@@ -23,14 +23,14 @@ from bnn_jax.configs import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 3
-BATCH = 128  # 1437 // 128 = 11 steps per epoch
+BATCH = 64
+STEPS_PER_EPOCH = 22  # 1437 // 64
 # The binary phase alone: fresh binary weights, labels instead of a teacher.
 STEP2_ALONE = {
-    "phase_order": "step2", "batch_size": BATCH, "log_every_steps": 5,
+    "phase_order": "step2", "batch_size": BATCH, "log_every_steps": 11,
     "phases.step2.init_from": "", "phases.step2.teacher": "",
     "phases.step2.loss.kd_weight": 0.0, "phases.step2.loss.ce_weight": 1.0,
     "phases.step2.num_epochs": EPOCHS,
-    "phases.step2.model.width_multiplier": 0.5,
 }
 
 
@@ -50,7 +50,7 @@ def check_trained(workdir, base_lr):
             if "train/lr" in r]
   assert logged
   for step, lr in logged:
-    epoch = (step - 1) // 11  # the rate of the last step before the log
+    epoch = (step - 1) // STEPS_PER_EPOCH  # the last step before the log
     np.testing.assert_allclose(lr, base_lr * (1 - (epoch + 1) / EPOCHS),
                                rtol=1e-6, atol=1e-12, err_msg=str(step))
   assert max(lr for _, lr in logged) > 0
@@ -62,7 +62,7 @@ def test_optax_lion_from_the_command_line(tmp_path):
   overrides = {**STEP2_ALONE,
                "dataset.data_dir": str(tmp_path / "tfds"),
                "phases.step2.optimizer.name": "optax.lion",
-               "phases.step2.optimizer.learning_rate": 3e-4}
+               "phases.step2.optimizer.learning_rate": 6e-4}
   env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   out = subprocess.run(
       [sys.executable, "-m", "bnn_jax.main",
@@ -70,7 +70,7 @@ def test_optax_lion_from_the_command_line(tmp_path):
       + [f"--config.{k}={v}" for k, v in overrides.items()],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  check_trained(workdir, 3e-4)
+  check_trained(workdir, 6e-4)
 
 
 @pytest.mark.slow
@@ -86,6 +86,7 @@ def test_registered_chain_from_python(tmp_path):
   config.dataset.data_dir = str(tmp_path / "tfds")
   config.phases.step2.optimizer.name = "test_swap_clipped_adam"
   config.phases.step2.optimizer.kwargs = {"clip": 5.0}
+  config.phases.step2.optimizer.learning_rate = 2.5e-3
   workdir = str(tmp_path / "registered")
   phases.run(config, workdir)
   check_trained(workdir, config.phases.step2.optimizer.learning_rate)
