@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -120,3 +121,23 @@ def test_wheel_training_extra_keeps_the_installed_jax(tmp_path):
   assert {"tensorflow-datasets", "clu", "flax", "optax"} <= set(plan)
   assert "jax" not in plan and "jaxlib" not in plan, plan
   assert not TENSORFLOW_DISTRIBUTIONS & set(plan), plan
+
+
+def test_recipe_links_point_at_existing_sections():
+  """Every link to recipe.md#<section> in the repository names a heading."""
+  text = (ROOT / "docs" / "recipe.md").read_text()
+  anchors = set()
+  for line in text.splitlines():
+    if line.startswith("#"):
+      title = line.lstrip("#").strip().lower()
+      # GitHub's slug: drop punctuation except '-' and '_', spaces to '-'.
+      anchors.add("".join(c for c in title if c.isalnum() or c in " -_")
+                  .replace(" ", "-"))
+  files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()
+  cited = set()
+  for name in files:
+    if name.endswith((".py", ".md", ".ipynb")):
+      cited |= set(re.findall(r"recipe\.md#([a-z0-9_-]+)",
+                              (ROOT / name).read_text()))
+  assert cited and cited <= anchors, sorted(cited - anchors)
