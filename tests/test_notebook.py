@@ -72,7 +72,7 @@ def test_quickstart_notebook_runs_against_the_installed_wheel(tmp_path,
   work = tmp_path / "cwd"  # not the checkout: `import bnn_jax` is the wheel
   work.mkdir()
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="bnn_wheel",
+  client = nbclient.NotebookClient(nb, timeout=1200, kernel_name="bnn_wheel",
                                    resources={"metadata": {"path": str(work)}})
   client.execute()
   outputs = [o for cell in nb.cells if cell.cell_type == "code"
