@@ -1,4 +1,4 @@
-"""Weight dynamics of binary networks (SPEC §5): flip-flops, C2I, dead weights.
+"""Weight dynamics of binary networks: flip-flops, C2I, dead weights.
 
 The measurements behind AdamBNN's analysis (Liu et al., ICML 2021), as pure
 jittable functions of parameter, gradient, intermediate and optimizer-state
@@ -37,17 +37,18 @@ all binary weights (or inputs) of the network, so large layers weigh more:
   Adam v       mean of Adam's second moment v (the raw EMA of g^2, no bias
                correction) over the dead and over the live binary weights:
                Adam's step m / (sqrt(v) + eps) is large for a weight with a
-               small v, which is how it revives dead weights (SPEC §5).
+               small v, which is how it revives dead weights
+               (docs/recipe.md#weight-dynamics).
 
-The training hook (`DynamicsMonitor`) computes them every
-`config.dynamics.every` steps in a separate jitted function (one extra
-forward and backward pass on the last training batch), so the train step
-itself is unchanged.
+The training hook (`bnn_jax.dynamics_monitor.DynamicsMonitor`, also
+reachable as `dynamics.DynamicsMonitor`) computes them every
+`config.dynamics.every` steps with `make_dynamics_step`, a separate jitted
+function (one extra forward and backward pass on the last training batch),
+so the train step itself is unchanged. This module needs no TensorFlow.
 """
 
 from __future__ import annotations
 
-import io
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -57,15 +58,11 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from absl import logging
-from clu import metric_writers
-from etils import epath
 
 from bnn_jax import layers
-from bnn_jax import losses
 from bnn_jax import optim
+from bnn_jax import train_step
 
 Array = jax.Array
 # A metric: fraction per binary layer (module path) plus OVERALL.
@@ -75,8 +72,10 @@ OVERALL = "overall"
 # Latent weights outside [-CLIP, CLIP] get no gradient (binary._clamp_ste_bwd).
 WEIGHT_STE_CLIP = 1.0
 DEFAULT_DEAD_THRESHOLD = 1e-3
-# Name of the file (in a phase directory) holding the reference signs.
+# Name of the file (in a phase directory) holding the reference signs
+# (`bnn_jax.dynamics_monitor`).
 SIGNS_FILE = "dynamics_signs.npz"
+# Name of the file (in a phase directory) holding the reference signs.
 
 _KERNEL_SUFFIX = "/kernel"
 
@@ -142,9 +141,10 @@ def _paired(a: Any, b: Any) -> tuple[dict[str, Array], dict[str, Array]]:
 
 
 def flip_ratio(before: Any, after: Any) -> LayerMetric:
-  """FF = sum_i |sign(after_i) - sign(before_i)| / 2 / N (SPEC §5).
+  """FF = sum_i |sign(after_i) - sign(before_i)| / 2 / N.
 
-  The fraction of binary weights whose sign differs between two parameter
+  The paper's stability measure (docs/recipe.md#weight-dynamics): the
+  fraction of binary weights whose sign differs between two parameter
   trees (or sign snapshots from `binary_signs`), per layer and overall.
   """
   ka, kb = _paired(before, after)
@@ -153,9 +153,10 @@ def flip_ratio(before: Any, after: Any) -> LayerMetric:
 
 
 def c2i(params: Any, reference: Any) -> LayerMetric:
-  """C2I = 1 - sum_i |sign(w_i) - sign(w_i^0)| / 2 / N (SPEC §5).
+  """C2I = 1 - sum_i |sign(w_i) - sign(w_i^0)| / 2 / N.
 
-  The fraction of binary weights with the same sign as in `reference` (the
+  The paper's sluggishness measure (docs/recipe.md#weight-dynamics): the
+  fraction of binary weights with the same sign as in `reference` (the
   initialisation, or the phase start), per layer and overall.
   """
   return {k: 1.0 - v for k, v in flip_ratio(reference, params).items()}
@@ -343,7 +344,7 @@ def weight_dynamics(params: Any, grads: Any, opt_state: Any,
 
 
 # ---------------------------------------------------------------------------
-# The training hook.
+# The training hook's config and step (the hook: bnn_jax.dynamics_monitor).
 # ---------------------------------------------------------------------------
 def default_dynamics_config() -> ml_collections.ConfigDict:
   """`config.dynamics`: every (0 = off), dead_threshold (rho), per_layer."""
@@ -356,30 +357,21 @@ def make_dynamics_step(model: nn.Module, loss_cfg: Any,
                        dead_threshold: float, per_layer: bool) -> Callable:
   """(state, batch, teacher_variables, previous, init, start) -> metrics.
 
-  One forward and backward pass of the phase's training loss (the same loss
-  as `train_step.make_train_step`: train-mode BatchNorm, teacher logits for
-  KD)
-  at `state.params`, with the 'intermediates' collection mutable so the
-  binary convs report their saturation; the updated BatchNorm statistics are
-  discarded. Then `weight_dynamics`. To be jitted.
+  One forward and backward pass of the phase's training loss
+  (`train_step.make_loss_fn`, the function the train step differentiates:
+  train-mode BatchNorm, teacher logits for KD) at `state.params`, with the
+  'intermediates' collection mutable so the binary convs report their
+  saturation; the updated BatchNorm statistics are discarded. Then
+  `weight_dynamics`. To be jitted.
   """
+  loss_fn = train_step.make_loss_fn(model, loss_cfg, intermediates=True)
 
   def dynamics_step(state, batch, teacher_variables, previous, init, start):
-    teacher_logits = None
-    if teacher_model is not None:
-      teacher_logits = jax.lax.stop_gradient(
-          teacher_model.apply(teacher_variables, batch["image"], train=False))
-
-    def loss_fn(params):
-      logits, mutated = model.apply(
-          {"params": params, "batch_stats": state.batch_stats},
-          batch["image"], train=True, mutable=["batch_stats", "intermediates"])
-      loss, _ = losses.combined_loss(loss_cfg, logits, batch["label"],
-                                     teacher_logits=teacher_logits)
-      return loss, mutated.get("intermediates", {})
-
-    (_, intermediates), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    logits_t = train_step.teacher_logits(teacher_model, teacher_variables,
+                                         batch["image"])
+    (_, (_, _, _, intermediates)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params, state.batch_stats, batch,
+                               logits_t)
     return weight_dynamics(state.params, grads, state.opt_state,
                            intermediates, previous=previous, init=init,
                            start=start, dead_threshold=dead_threshold,
@@ -388,147 +380,14 @@ def make_dynamics_step(model: nn.Module, loss_cfg: Any,
   return dynamics_step
 
 
-def _read_signs(path: epath.Path) -> dict[str, dict[str, np.ndarray]]:
-  with path.open("rb") as f:
-    data = np.load(io.BytesIO(f.read()))
-    out: dict[str, dict[str, np.ndarray]] = {"init": {}, "start": {}}
-    for key in data.files:
-      which, name = key.split("/", 1)
-      out[which][name] = data[key]
-  return out
+def __getattr__(name: str) -> Any:
+  """`dynamics.DynamicsMonitor`, the training hook, imported on first use.
 
-
-def _write_signs(path: epath.Path, init: Mapping[str, Any],
-                 start: Mapping[str, Any]) -> None:
-  arrays = {f"init/{k}": np.asarray(v) for k, v in init.items()}
-  arrays.update({f"start/{k}": np.asarray(v) for k, v in start.items()})
-  buf = io.BytesIO()
-  np.savez_compressed(buf, **arrays)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buf.getvalue())
-  tmp.rename(path)
-
-
-def _matches(signs: Mapping[str, np.ndarray],
-             current: Mapping[str, Array]) -> bool:
-  return (set(signs) == set(current) and
-          all(signs[k].shape == current[k].shape for k in current))
-
-
-class DynamicsMonitor:
-  """Logs `weight_dynamics` every `every` steps of a phase under 'dynamics/'.
-
-  Call `after_step(step, state, batch, teacher_variables)` after every train
-  step. At steps that are multiples of `every` it runs the jitted dynamics
-  step on that batch and writes the metrics; one step earlier it keeps the
-  binary signs, so the flip ratio is between consecutive steps (SPEC §5).
-
-  References, kept in `<phase_dir>/dynamics_signs.npz` so a resumed phase
-  uses the same ones: 'start' = the signs at the phase's first step;
-  'init' = the signs at the run's initialisation, i.e. 'start' for a phase
-  trained from scratch and the source phase's 'init' for a phase handed
-  parameters (`init_from`), when that phase logged dynamics too (otherwise
-  its start, with a warning).
+  The hook writes through clu's metric writers (TensorFlow); it lives in
+  `bnn_jax.dynamics_monitor` so that importing the metrics needs no
+  TensorFlow.
   """
-
-  def __init__(self, *, every: int, dynamics_step: Callable,
-               signs_fn: Callable, writer: metric_writers.MetricWriter,
-               init: Any, start: Any, signs: Any):
-    self._every = every
-    self._dynamics_step = dynamics_step
-    self._signs_fn = signs_fn
-    self._writer = writer
-    self._init = init
-    self._start = start
-    self._previous = signs
-
-  @classmethod
-  def create(cls, config: ml_collections.ConfigDict, phase_name: str,
-             phase_index: int, workdir: str, *, model: nn.Module,
-             teacher_model: Optional[nn.Module], state: Any, step: int,
-             replicated: jax.sharding.Sharding,
-             writer: metric_writers.MetricWriter
-             ) -> Optional["DynamicsMonitor"]:
-    """The monitor of phase `phase_name`, or None when off or nothing is binary.
-
-    Args:
-      config: the run's config (`config.dynamics`, phases, phase_order).
-      phase_name: the phase being trained.
-      phase_index: its position in `config.phase_order`.
-      workdir: the run directory.
-      model: the phase's model.
-      teacher_model: its teacher, if it distils.
-      state: the train state at `step` (before the loop).
-      step: the step the loop starts from (0, or the resumed step).
-      replicated: the sharding of replicated values.
-      writer: where metrics go (TensorBoard + metrics.jsonl).
-    """
-    dyn_cfg = config.get("dynamics", default_dynamics_config())
-    if not dyn_cfg.every:
-      return None
-    if not binary_kernels(state.params):
-      logging.info("phase %s: no binary kernels, no dynamics", phase_name)
-      return None
-    phase_cfg = config.phases[phase_name]
-    signs_fn = jax.jit(binary_signs, out_shardings=replicated)
-    current = signs_fn(state.params)
-    own = epath.Path(workdir) / phase_name / SIGNS_FILE
-    if own.exists():
-      saved = _read_signs(own)
-      init, start = saved["init"], saved["start"]
-    else:
-      start = current
-      if step:
-        print(f"[{phase_name}] dynamics: no {SIGNS_FILE} from the phase "
-              f"start; C2I references are the signs at step {step}",
-              flush=True)
-      init = _inherited_init(config, phase_name, phase_index, workdir,
-                             current) or current
-      if jax.process_index() == 0:
-        _write_signs(own, jax.device_get(init), jax.device_get(start))
-    init, start = (jax.device_put(dict(t), replicated) for t in (init, start))
-    dynamics_step = jax.jit(
-        make_dynamics_step(model, phase_cfg.loss, teacher_model,
-                           dead_threshold=dyn_cfg.dead_threshold,
-                           per_layer=dyn_cfg.per_layer),
-        out_shardings=replicated)
-    return cls(every=dyn_cfg.every, dynamics_step=dynamics_step,
-               signs_fn=signs_fn, writer=writer, init=init, start=start,
-               signs=current)
-
-  def after_step(self, step: int, state: Any, batch: dict,
-                 teacher_variables: Any) -> None:
-    """Logs the metrics at multiples of `every`; keeps signs one step before."""
-    if step % self._every == 0:
-      # Signs were kept at step - 1: at the loop's start or below.
-      metrics = self._dynamics_step(state, batch, teacher_variables,
-                                    self._previous, self._init, self._start)
-      self._writer.write_scalars(step, {
-          f"dynamics/{k}": v for k, v in jax.device_get(metrics).items()})
-    if (step + 1) % self._every == 0:
-      self._previous = self._signs_fn(state.params)
-
-
-def _inherited_init(config: ml_collections.ConfigDict, phase_name: str,
-                    phase_index: int, workdir: str,
-                    current: Mapping[str, Array]) -> Optional[dict]:
-  """The 'init' signs of the phase this one takes its parameters from."""
-  init_from = config.phases[phase_name].init_from
-  if not init_from:
-    return None
-  if init_from == "previous":
-    order = [n.strip() for n in str(config.phase_order).split(",")
-             if n.strip()]
-    source = epath.Path(workdir) / order[phase_index - 1]
-  else:
-    source = epath.Path(init_from)
-    if source.name == "checkpoints":
-      source = source.parent
-  path = source / SIGNS_FILE
-  if path.exists():
-    init = _read_signs(path)["init"]
-    if _matches(init, current):
-      return init
-  print(f"[{phase_name}] dynamics: {path} missing or not matching; C2I "
-        "against the initialisation uses the phase start instead", flush=True)
-  return None
+  if name == "DynamicsMonitor":
+    from bnn_jax import dynamics_monitor  # pylint: disable=g-import-not-at-top
+    return dynamics_monitor.DynamicsMonitor
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

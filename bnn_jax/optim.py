@@ -1,8 +1,28 @@
-"""Optimizer chains from a phase's optimizer config (optax), SPEC §3.
+"""Optimizer chains from a phase's optimizer config (optax).
 
-The AdamBNN recipe (Liu et al., ICML 2021, SPEC §3) trains with Adam
+The AdamBNN recipe (docs/recipe.md#training-recipe) trains with Adam
 (b1 0.9, b2 0.999, eps 1e-8), a per-epoch linear learning-rate decay and, in
 step 1, a small weight decay on a fixed group of parameters.
+
+Chains (`name`):
+
+* built-ins: `adam` (mode as configured), `adamw` (`adam`, decoupled), `sgd`
+  (heavy-ball or Nesterov momentum, torch SGD semantics), `lamb` (You et al.
+  2020), and `bop`: Bop (Helwegen et al., NeurIPS 2019, "Latent weights do
+  not exist") on the binary kernels, the chain named by `bop_rest` (Adam by
+  default; any name accepted here except `bop`) on every other parameter;
+* a name given to `register(name, factory)`;
+* a dotted optax path, e.g. `optax.lion`, `optax.adafactor`,
+  `optax.contrib.muon`: the function is looked up in optax.
+
+A registered factory or an optax function is called as
+`factory(schedule, **kwargs)` with the phase's learning-rate schedule (below)
+and `kwargs` (`--config.phases.step2.optimizer.kwargs="{'b1': 0.95}"`). An
+optax function with a `weight_decay` argument gets `weight_decay=0.0` unless
+`kwargs` sets it, so that weight decay stays what `weight_decay`,
+`weight_decay_mode` and the decay group below say (optax.lion's own default
+would decay every parameter, BatchNorm included). Every chain, built-in or
+not, gets the same schedule, decay, clipping, multipliers and logging.
 
 Weight decay, two modes (`weight_decay_mode`), lambda = `weight_decay`,
 M = the decay mask, g = gradient, w = parameter, eta_t = learning rate:
@@ -19,7 +39,9 @@ M = the decay mask, g = gradient, w = parameter, eta_t = learning rate:
   in optax.adamw and torch AdamW.
 The same rule holds for the other chains: `coupled` adds lambda * M * w to the
 gradient before the optimizer's own preconditioner (SGD momentum, Adam's
-moments in LAMB); `decoupled` adds it to the preconditioned update.
+moments in LAMB, the whole of a registered or optax chain); `decoupled` adds
+it to the preconditioned update (for a registered or optax chain u, whose
+update already includes -eta_t: u - eta_t * lambda * M * w).
 
 The reference decay group M (the torch code selects `p.ndim == 4 or 'conv' in
 name`; its shifts are (1, C, 1, 1), hence 4-D): every 4-D parameter (all conv
@@ -28,6 +50,11 @@ kernels, the real-valued stem included) and every learnable shift (`shift`,
 FC kernel/bias. On ReActNet-A that is 28,285,792 of 29,343,592 parameters.
 `decay_regexes` replaces the group by the parameters whose '/'-joined path
 matches (re.fullmatch) one of the regexes.
+
+Learning-rate multipliers (`lr_mults`, as big_vision's `lr_mults`): pairs
+(regex, m); the final update of a parameter whose '/'-joined path fullmatches
+a regex (the first that matches) is multiplied by m (0 freezes it); other
+parameters keep m = 1. Every regex must match some parameter.
 
 Learning-rate schedules (`schedule`; base = `learning_rate`, E epochs of S
 steps, T = E * S):
@@ -39,18 +66,16 @@ steps, T = E * S):
 * `constant`: base.
 An optional linear warm-up from 0 to base over W = `warmup_epochs` * S steps
 comes first; the decay then runs over the remaining T - W steps (E - W / S
-epochs), as in optax.warmup_cosine_decay_schedule. The whole chain is wrapped
-in `optax.inject_hyperparams`, so the learning rate lives in the optimizer
-state and `learning_rate(opt_state)` reads it for logging.
-
-Chains (`name`): `adam` (mode as configured), `adamw` (`adam`, decoupled),
-`sgd` (heavy-ball or Nesterov momentum, torch SGD semantics), `lamb` (You et
-al. 2020), and `bop`: Bop (Helwegen et al., NeurIPS 2019, "Latent weights do
-not exist") on the binary kernels, Adam on every other parameter.
+epochs), as in optax.warmup_cosine_decay_schedule. The schedule is passed to
+the chain itself (optax counts the updates in its state); the train step logs
+schedule(step), the rate of the update it applies
+(`train_step.make_train_step(..., learning_rate=schedule)`).
 """
 
 from __future__ import annotations
 
+import inspect
+import operator
 import re
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
@@ -62,7 +87,9 @@ import ml_collections
 from ml_collections import config_dict
 import optax
 
+# The built-in chains; `register` adds more, and any dotted optax path works.
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "bop")
+OPTAX_PREFIX = "optax."
 WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 SCHEDULES = ("linear_epoch", "linear", "cosine", "constant")
 # Optimizers dividing by sqrt(v) + eps.
@@ -75,20 +102,28 @@ SHIFT_PARAM_NAMES = ("shift", "shift_in", "shift_out")
 BINARY_KERNEL_REGEX = r"(.*/)?binary_[^/]*/kernel"
 
 ConfigLike = Union[ml_collections.ConfigDict, Mapping[str, Any]]
+# factory(learning_rate, **kwargs) -> optax.GradientTransformation.
+ChainFactory = Callable[..., optax.GradientTransformation]
+
+_REGISTRY: dict[str, ChainFactory] = {}
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
   """Every optimizer field with its default (a phase overrides some).
 
   Returns:
-    A ConfigDict with: name, learning_rate (base lr, the value at batch 256
-    of SPEC §3), b1, b2, eps (Adam / LAMB), weight_decay, weight_decay_mode,
-    decay_regexes (None = the reference group), schedule, warmup_epochs,
-    momentum and nesterov (sgd), bop_threshold and bop_gamma (bop),
-    grad_clip_norm (None = no clipping).
+    A ConfigDict with: name (a built-in, a registered name or a dotted optax
+    path), kwargs (keyword arguments of a registered or optax chain),
+    learning_rate (base lr, the value at batch 256 of
+    docs/recipe.md#training-recipe), b1, b2, eps (Adam / LAMB),
+    weight_decay, weight_decay_mode, decay_regexes (None = the reference
+    group), lr_mults (None, or (regex, multiplier) pairs), schedule,
+    warmup_epochs, momentum and nesterov (sgd), bop_threshold, bop_gamma and
+    bop_rest (bop), grad_clip_norm (None = no clipping).
   """
   return ml_collections.ConfigDict(dict(
       name="adam",
+      kwargs={},
       learning_rate=1.25e-3,
       b1=0.9,
       b2=0.999,
@@ -96,14 +131,101 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
       weight_decay=0.0,
       weight_decay_mode="decoupled",
       decay_regexes=config_dict.placeholder(tuple),
+      lr_mults=config_dict.placeholder(tuple),
       schedule="linear_epoch",
       warmup_epochs=0.0,
       momentum=0.9,
       nesterov=False,
       bop_threshold=1e-8,
       bop_gamma=1e-4,
+      bop_rest="adam",
       grad_clip_norm=config_dict.placeholder(float),
   ))
+
+
+# ---------------------------------------------------------------------------
+# Chain names: built-ins, the registry, dotted optax paths.
+
+
+def register(name: str, factory: ChainFactory) -> None:
+  """Makes `optimizer.name=<name>` build `factory(schedule, **kwargs)`.
+
+  Args:
+    name: a new name (not a built-in, not starting with 'optax.'); registering
+      a name again replaces its factory.
+    factory: factory(learning_rate, **kwargs) -> optax.GradientTransformation,
+      where learning_rate is the phase's schedule (a function of the step)
+      and kwargs is `optimizer.kwargs`. Its update must return the final
+      update (already multiplied by -learning_rate), as optax's optimizers do.
+
+  Raises:
+    ValueError: a built-in or dotted name; TypeError: a non-callable factory.
+  """
+  if not isinstance(name, str) or not name or name in OPTIMIZERS or (
+      name.startswith(OPTAX_PREFIX)):
+    raise ValueError(f"cannot register {name!r}: built-ins {list(OPTIMIZERS)} "
+                     "and dotted optax paths are taken")
+  if not callable(factory):
+    raise TypeError(f"optim.register({name!r}, ...): the factory must be "
+                    f"callable, got {type(factory).__name__}")
+  _REGISTRY[name] = factory
+
+
+def registered() -> tuple[str, ...]:
+  """The names added with `register`, sorted."""
+  return tuple(sorted(_REGISTRY))
+
+
+def _unknown_name(field: str, name: Any) -> ValueError:
+  return ValueError(
+      f"optimizer.{field}={name!r}; choose one of {list(OPTIMIZERS)}, a "
+      f"registered name {list(registered())} (bnn_jax.optim.register) or a "
+      "dotted optax path such as 'optax.lion'")
+
+
+def chain_factory(name: str, field: str = "name") -> Optional[ChainFactory]:
+  """The factory of a registered or dotted optax name; None for a built-in.
+
+  Raises:
+    ValueError: an unknown name, or an optax path that is not a function.
+  """
+  if name in OPTIMIZERS:
+    return None
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  if isinstance(name, str) and name.startswith(OPTAX_PREFIX):
+    try:
+      factory = operator.attrgetter(name[len(OPTAX_PREFIX):])(optax)
+    except AttributeError:
+      raise _unknown_name(field, name) from None
+    if not callable(factory) or inspect.isclass(factory):
+      raise ValueError(f"optimizer.{field}={name!r} is not an optax function "
+                       "that builds an optimizer")
+    return factory
+  raise _unknown_name(field, name)
+
+
+def _factory_kwargs(name: str, factory: ChainFactory,
+                    kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """`kwargs`, checked against the factory's signature.
+
+  An optax function with a `weight_decay` argument also gets
+  weight_decay=0.0 unless `kwargs` sets it (decay is the config's job).
+  """
+  kwargs = dict(kwargs)
+  try:
+    signature = inspect.signature(factory)
+  except (TypeError, ValueError):  # a builtin without a signature
+    return kwargs
+  if (name.startswith(OPTAX_PREFIX) and "weight_decay" in signature.parameters
+      and "weight_decay" not in kwargs):
+    kwargs["weight_decay"] = 0.0
+  try:
+    signature.bind(None, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"optimizer {name!r} cannot be called as "
+                     f"{name}(learning_rate, **{kwargs}): {e}") from None
+  return kwargs
 
 
 def _check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
@@ -115,6 +237,15 @@ def _check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
 def _check_range(field: str, value: float, ok: bool, expected: str) -> None:
   if not ok:
     raise ValueError(f"optimizer.{field}={value!r}; expected {expected}")
+
+
+def _check_regexes(field: str, regexes: Sequence[str]) -> None:
+  for pattern in regexes:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"optimizer.{field}: bad regex {pattern!r}: {e}"
+                       ) from e
 
 
 def resolve_config(opt_cfg: ConfigLike) -> ml_collections.FrozenConfigDict:
@@ -137,12 +268,29 @@ def resolve_config(opt_cfg: ConfigLike) -> ml_collections.FrozenConfigDict:
     raise ValueError(f"unknown optimizer field(s) {unknown}; valid: "
                      f"{sorted(defaults)}")
   c = {**defaults, **given}
-  _check_choice("name", c["name"], OPTIMIZERS)
+  chain_factory(c["name"])  # raises on an unknown name
+  if c["name"] == "bop":
+    if c["bop_rest"] == "bop":
+      raise ValueError("optimizer.bop_rest='bop': Bop trains binary kernels "
+                       "only; name the chain for the other parameters")
+    chain_factory(c["bop_rest"], "bop_rest")
   _check_choice("weight_decay_mode", c["weight_decay_mode"], WEIGHT_DECAY_MODES)
   _check_choice("schedule", c["schedule"], SCHEDULES)
   if c["name"] == "adamw" and c["weight_decay_mode"] == "coupled":
     raise ValueError("optimizer.name='adamw' is decoupled by definition; use "
                      "name='adam' with weight_decay_mode='coupled' for L2")
+  kwargs = c["kwargs"] if c["kwargs"] is not None else {}
+  if not isinstance(kwargs, Mapping):
+    raise ValueError("optimizer.kwargs must be a dict, e.g. "
+                     f"\"{{'b1': 0.95}}\", not {kwargs!r}")
+  chain_name = c["bop_rest"] if c["name"] == "bop" else c["name"]
+  factory = chain_factory(chain_name)
+  if factory is None and kwargs:
+    raise ValueError(f"optimizer.kwargs={dict(kwargs)} apply to registered "
+                     f"and optax chains; the built-in {chain_name!r} takes "
+                     "its own fields (b1, b2, eps, momentum, ...)")
+  c["kwargs"] = (_factory_kwargs(chain_name, factory, kwargs)
+                 if factory is not None else {})
   _check_range("learning_rate", c["learning_rate"], c["learning_rate"] > 0,
                "> 0")
   for field in ("b1", "b2", "momentum"):
@@ -170,12 +318,16 @@ def resolve_config(opt_cfg: ConfigLike) -> ml_collections.FrozenConfigDict:
       raise ValueError("optimizer.decay_regexes must be a tuple of regexes, "
                        f"not the string {c['decay_regexes']!r}")
     c["decay_regexes"] = tuple(c["decay_regexes"])
-    for pattern in c["decay_regexes"]:
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise ValueError(f"optimizer.decay_regexes: bad regex {pattern!r}: "
-                         f"{e}") from e
+    _check_regexes("decay_regexes", c["decay_regexes"])
+  if c["lr_mults"] is not None:
+    pairs = c["lr_mults"]
+    if isinstance(pairs, str) or not all(
+        isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+        and isinstance(p[1], (int, float)) and p[1] >= 0 for p in pairs):
+      raise ValueError("optimizer.lr_mults must be (regex, multiplier >= 0) "
+                       f"pairs, e.g. \"(('fc/.*', 0.1),)\", not {pairs!r}")
+    c["lr_mults"] = tuple((r, float(m)) for r, m in pairs)
+    _check_regexes("lr_mults", [r for r, _ in c["lr_mults"]])
   return ml_collections.FrozenConfigDict(c)
 
 
@@ -261,12 +413,12 @@ def _decay_mask(params: Any, decay_regexes: Optional[Sequence[str]]) -> Any:
 
 
 def bop_labels(params: Any) -> Any:
-  """'bop' for the binary kernels (BINARY_KERNEL_REGEX), 'adam' elsewhere."""
+  """'bop' for the binary kernels (BINARY_KERNEL_REGEX), 'rest' elsewhere."""
   labels = _label_tree(
       params,
       lambda name, _: ("bop" if re.fullmatch(BINARY_KERNEL_REGEX, name)
-                       else "adam"),
-      "adam")
+                       else "rest"),
+      "rest")
   if "bop" not in jax.tree.leaves(labels):
     raise ValueError("optimizer 'bop' found no binary kernel (a `kernel` "
                      "under a module named binary_*) among "
@@ -332,58 +484,153 @@ def bop(threshold: float = 1e-8, gamma: float = 1e-4
 # Chains.
 
 
+def _decay(cfg: ml_collections.FrozenConfigDict
+           ) -> optax.GradientTransformation:
+  """u + lambda * M * w (optax.add_decayed_weights on the decay group M)."""
+  return optax.add_decayed_weights(
+      cfg.weight_decay, mask=lambda tree: _decay_mask(tree, cfg.decay_regexes))
+
+
 def _decayed(preconditioner: Sequence[optax.GradientTransformation],
              after_decay: Sequence[optax.GradientTransformation],
-             lr: jax.Array, cfg: ml_collections.FrozenConfigDict,
+             lr: optax.ScalarOrSchedule, cfg: ml_collections.FrozenConfigDict,
              mode: str) -> optax.GradientTransformation:
   """preconditioner, weight decay (placed by `mode`), after_decay, -lr.
 
   coupled:   chain(decay, preconditioner, after_decay, scale(-lr))
   decoupled: chain(preconditioner, decay, after_decay, scale(-lr))
   """
-  decay = optax.add_decayed_weights(
-      cfg.weight_decay, mask=lambda tree: _decay_mask(tree, cfg.decay_regexes))
   if mode == "coupled":
-    parts = [decay, *preconditioner, *after_decay]
+    parts = [_decay(cfg), *preconditioner, *after_decay]
   else:
-    parts = [*preconditioner, decay, *after_decay]
+    parts = [*preconditioner, _decay(cfg), *after_decay]
   return optax.chain(*parts, optax.scale_by_learning_rate(lr))
 
 
-def _adam(lr: jax.Array, cfg: ml_collections.FrozenConfigDict,
-          mode: str) -> optax.GradientTransformation:
-  return _decayed([optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)], [],
-                  lr, cfg, mode)
+def _scheduled_decay(weight_decay: float, lr: optax.ScalarOrSchedule
+                     ) -> optax.GradientTransformation:
+  """u <- u - eta_t * lambda * w, eta_t = lr(t) (t counted in the state).
+
+  The decoupled decay of a registered or optax chain, whose update u
+  already includes -eta_t; `optax.masked` restricts it to the decay group.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("decoupled weight decay needs the parameters: "
+                       "tx.update(g, state, params)")
+    eta = lr(state.count) if callable(lr) else lr
+    updates = jax.tree.map(
+        lambda u, w: u - (eta * weight_decay * w).astype(u.dtype),
+        updates, params)
+    return updates, optax.ScaleByScheduleState(
+        count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _factory_chain(name: str, lr: optax.ScalarOrSchedule,
+                   cfg: ml_collections.FrozenConfigDict,
+                   mode: str) -> optax.GradientTransformation:
+  """A registered or optax chain `factory(lr, **kwargs)` with weight decay.
+
+  coupled:   chain(decay, factory(lr))
+  decoupled: chain(factory(lr), masked(-lr * lambda * w))
+  """
+  factory = chain_factory(name)
+  kwargs = cfg.kwargs.to_dict() if hasattr(cfg.kwargs, "to_dict") else dict(
+      cfg.kwargs)
+  try:
+    tx = factory(lr, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"optimizer {name!r}: {name}(learning_rate, **{kwargs}) "
+                     f"failed: {e}") from e
+  if not isinstance(tx, optax.GradientTransformation):
+    raise ValueError(f"optimizer {name!r} returned {type(tx).__name__}, not "
+                     "an optax.GradientTransformation")
+  if not cfg.weight_decay:
+    return tx
+  if mode == "coupled":
+    return optax.chain(_decay(cfg), tx)
+  return optax.chain(tx, optax.masked(
+      _scheduled_decay(cfg.weight_decay, lr),
+      lambda tree: _decay_mask(tree, cfg.decay_regexes)))
+
+
+def _lr_multipliers(pairs: Sequence[tuple[str, float]]
+                    ) -> optax.GradientTransformation:
+  """u <- m(path) * u, m = the multiplier of the first regex matching the path.
+
+  Paths no regex matches keep m = 1; a regex matching no parameter errs.
+  """
+
+  def multipliers(tree):
+    names = _param_names(tree)
+    unmatched = [r for r, _ in pairs
+                 if not any(re.fullmatch(r, n) for n in names)]
+    if unmatched:
+      raise ValueError(f"optimizer.lr_mults regexes {unmatched} match no "
+                       "parameter (re.fullmatch on '/'-joined paths such as "
+                       f"{names[:4]})")
+    return _label_tree(
+        tree, lambda name, _: next(
+            (m for r, m in pairs if re.fullmatch(r, name)), 1.0), 1.0)
+
+  def init_fn(params):
+    multipliers(params)  # fail at init on a regex that matches nothing
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    scaled = jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates,
+                          multipliers(updates))
+    return scaled, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _named_chain(name: str, lr: optax.ScalarOrSchedule,
+                 cfg: ml_collections.FrozenConfigDict
+                 ) -> optax.GradientTransformation:
+  """The chain `name` (built-in other than bop, registered or optax) at `lr`."""
+  mode = cfg.weight_decay_mode
+  if name in ("adam", "adamw"):  # adamw: decoupled by definition
+    return _decayed([optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)],
+                    [], lr, cfg, "decoupled" if name == "adamw" else mode)
+  if name == "sgd":
+    momentum = ([optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov)]
+                if cfg.momentum > 0 else [])
+    return _decayed(momentum, [], lr, cfg, mode)
+  if name == "lamb":
+    return _decayed([optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)],
+                    [optax.scale_by_trust_ratio()], lr, cfg, mode)
+  return _factory_chain(name, lr, cfg, mode)
 
 
 def _chain(cfg: ml_collections.FrozenConfigDict,
-           lr: jax.Array) -> optax.GradientTransformation:
-  """The optimizer `cfg.name` at learning rate `lr` (no schedule)."""
-  mode = cfg.weight_decay_mode
-  if cfg.name == "adam":
-    tx = _adam(lr, cfg, mode)
-  elif cfg.name == "adamw":
-    tx = _adam(lr, cfg, "decoupled")
-  elif cfg.name == "sgd":
-    momentum = ([optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov)]
-                if cfg.momentum > 0 else [])
-    tx = _decayed(momentum, [], lr, cfg, mode)
-  elif cfg.name == "lamb":
-    tx = _decayed([optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)],
-                  [optax.scale_by_trust_ratio()], lr, cfg, mode)
-  else:  # "bop"
+           lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+  """clip, the optimizer `cfg.name` at learning rate `lr`, lr multipliers."""
+  if cfg.name == "bop":
     tx = optax.partition(
         {"bop": bop(cfg.bop_threshold, cfg.bop_gamma),
-         "adam": _adam(lr, cfg, mode)},
+         "rest": _named_chain(cfg.bop_rest, lr, cfg)},
         bop_labels)
+  else:
+    tx = _named_chain(cfg.name, lr, cfg)
   if cfg.grad_clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  if cfg.lr_mults:
+    tx = optax.chain(tx, _lr_multipliers(cfg.lr_mults))
   return tx
 
 
 def build_optimizer(opt_cfg: ConfigLike, *, steps_per_epoch: int,
                     num_epochs: int) -> optax.GradientTransformation:
-  """The optimizer of `opt_cfg`, its learning rate injected and scheduled.
+  """The optimizer of `opt_cfg`, driven by its learning-rate schedule.
 
   Args:
     opt_cfg: optimizer config (missing fields take the defaults).
@@ -391,18 +638,16 @@ def build_optimizer(opt_cfg: ConfigLike, *, steps_per_epoch: int,
     num_epochs: epochs of the phase.
 
   Returns:
-    `optax.inject_hyperparams(chain)(learning_rate=schedule)`: call
+    The chain built with `build_schedule(opt_cfg, ...)` as its learning rate
+    (optax counts the updates in the state): call
     `update(grads, state, params)` (params are needed for weight decay and
-    Bop); `learning_rate(state)` is the lr of the last update.
+    Bop). The rate of update n (0-based) is schedule(n); pass the schedule
+    to `train_step.make_train_step(..., learning_rate=...)` to log it.
   """
   cfg = resolve_config(opt_cfg)
   schedule = build_schedule(cfg, steps_per_epoch=steps_per_epoch,
                             num_epochs=num_epochs)
-
-  def chain(learning_rate):  # the name of the injected hyperparameter
-    return _chain(cfg, learning_rate)
-
-  return optax.inject_hyperparams(chain)(learning_rate=schedule)
+  return _chain(cfg, schedule)
 
 
 # ---------------------------------------------------------------------------
@@ -493,12 +738,14 @@ def warn_if_no_training(opt_cfg: ConfigLike, num_epochs: int,
 
 
 def learning_rate(opt_state: optax.OptState) -> jax.Array:
-  """The learning rate of the last update, for logging.
+  """The injected learning rate of a chain built with optax.inject_hyperparams.
 
-  Reads the `learning_rate` hyperparameter that `optax.inject_hyperparams`
-  keeps in the state (found wherever it sits: inside chain, partition or
-  masked states). After n >= 1 updates it is schedule(n - 1); after init,
-  schedule(0).
+  `build_optimizer` passes the schedule to the chain instead, and the train
+  step logs schedule(step); this reads the `learning_rate` hyperparameter
+  that `optax.inject_hyperparams` keeps in the state of a chain built that
+  way (found wherever it sits: inside chain, partition or masked states).
+  After n >= 1 updates it is the lr of update n - 1; after init, that of
+  update 0.
 
   Raises:
     ValueError: the state holds no injected learning rate.
@@ -509,5 +756,6 @@ def learning_rate(opt_state: optax.OptState) -> jax.Array:
       filtering=lambda path, _: getattr(path[-2], "name", "") == "hyperparams")
   if lr is None:
     raise ValueError("no injected 'learning_rate' in this optimizer state; "
-                     "build the optimizer with optim.build_optimizer")
+                     "wrap the chain in optax.inject_hyperparams or pass the "
+                     "schedule to train_step.make_train_step(learning_rate=)")
   return lr

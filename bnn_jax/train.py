@@ -259,7 +259,11 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
   teacher_model, teacher_vars = (None, {}) if teacher is None else teacher
   teacher_vars = jax.device_put(teacher_vars, replicated)
   step_fn = jax.jit(
-      train_step.make_train_step(model, tx, phase_cfg.loss, teacher_model),
+      train_step.make_train_step(model, tx, phase_cfg.loss, teacher_model,
+                                 learning_rate=optim.build_schedule(
+                                     phase_cfg.optimizer,
+                                     steps_per_epoch=steps_per_epoch,
+                                     num_epochs=max(num_epochs, 1))),
       in_shardings=(state_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))

@@ -58,41 +58,73 @@ def tree_max_abs(tree: Any) -> jax.Array:
   return jnp.max(jnp.stack(maxima))
 
 
-def make_loss_fn(model: nn.Module,
-                 loss_cfg: ml_collections.ConfigDict) -> Callable:
+def make_loss_fn(model: nn.Module, loss_cfg: ml_collections.ConfigDict, *,
+                 intermediates: bool = False) -> Callable:
   """The training loss of one batch, the function the train step differentiates.
 
   Returns loss_fn(params, batch_stats, batch, teacher_logits) ->
   (loss, (new batch_stats, logits, loss parts)): the model in train mode
   (BatchNorm on batch statistics, updating the running ones) and
-  `losses.combined_loss`, a mean over the global batch.
+  `losses.combined_loss`, a mean over the global batch. With
+  `intermediates`, the 'intermediates' collection is mutable too (the
+  binary convs sow their binariser statistics) and comes fourth in the aux
+  tuple (`bnn_jax.dynamics` reads it).
   """
+  mutable = ["batch_stats", "intermediates"] if intermediates else [
+      "batch_stats"]
 
   def loss_fn(params, batch_stats, batch, teacher_logits):
     logits, mutated = model.apply(
         {"params": params, "batch_stats": batch_stats},
-        batch["image"], train=True, mutable=["batch_stats"])
+        batch["image"], train=True, mutable=mutable)
     loss, parts = losses.combined_loss(loss_cfg, logits, batch["label"],
                                        teacher_logits=teacher_logits)
-    return loss, (mutated["batch_stats"], logits, parts)
+    aux = (mutated["batch_stats"], logits, parts)
+    if intermediates:
+      aux += (mutated.get("intermediates", {}),)
+    return loss, aux
 
   return loss_fn
 
 
+def teacher_logits(teacher_model: Optional[nn.Module], teacher_variables: Any,
+                   images: jax.Array) -> Optional[jax.Array]:
+  """stop_gradient(teacher(images)) in eval mode; None without a teacher."""
+  if teacher_model is None:
+    return None
+  return jax.lax.stop_gradient(
+      teacher_model.apply(teacher_variables, images, train=False))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_cfg: ml_collections.ConfigDict,
-                    teacher_model: Optional[nn.Module]) -> Callable:
-  """(state, batch, teacher_variables) -> (state, metrics), to be jitted."""
+                    teacher_model: Optional[nn.Module], *,
+                    learning_rate: Optional[optax.ScalarOrSchedule] = None
+                    ) -> Callable:
+  """(state, batch, teacher_variables) -> (state, metrics), to be jitted.
+
+  `tx` is any optax.GradientTransformation. The metric 'train/lr' is the
+  rate of this update, learning_rate(state.step) for a schedule (the one
+  `tx` was built with, e.g. `optim.build_schedule`) or the number itself;
+  without `learning_rate`, the rate an `optax.inject_hyperparams` chain
+  keeps in its state (`optim.learning_rate`), else no 'train/lr'.
+  """
   loss_fn = make_loss_fn(model, loss_cfg)
 
+  def lr_metric(step, opt_state):
+    if learning_rate is not None:
+      lr = learning_rate(step) if callable(learning_rate) else learning_rate
+      return {"train/lr": jnp.asarray(lr, jnp.float32)}
+    try:
+      return {"train/lr": optim.learning_rate(opt_state)}
+    except ValueError:  # a chain that keeps no rate in its state
+      return {}
+
   def train_step(state: TrainState, batch: dict, teacher_variables: Any):
-    teacher_logits = None
-    if teacher_model is not None:
-      teacher_logits = jax.lax.stop_gradient(
-          teacher_model.apply(teacher_variables, batch["image"], train=False))
     (loss, (batch_stats, logits, parts)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params, state.batch_stats, batch,
-                               teacher_logits)
+        loss_fn, has_aux=True)(
+            state.params, state.batch_stats, batch,
+            teacher_logits(teacher_model, teacher_variables, batch["image"]))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -102,12 +134,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "train/top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "train/grad_norm": grad_norm,
         "train/grad_max_abs": grad_max_abs,
-        "train/lr": optim.learning_rate(opt_state),
         # Loss, gradients and the updated parameters: a NaN/Inf anywhere
         # stops the run before that state can be checkpointed.
         "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_max_abs)
                    & jnp.isfinite(tree_max_abs(params))),
     }
+    metrics.update(lr_metric(state.step, opt_state))
     metrics.update({f"train/{k}": v for k, v in parts.items()})
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)

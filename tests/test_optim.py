@@ -1,13 +1,16 @@
 """Tests of bnn_jax.optim: decay modes and groups, schedules, Bop, partition."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from bnn_jax import losses
 from bnn_jax import models
 from bnn_jax import optim
+from bnn_jax import train_step
 
 BASE_LR = 1e-2
 WD = 0.1  # large, so that the decay is visible in a few steps
@@ -245,24 +248,143 @@ def test_cosine_linear_constant_and_warmup():
   np.testing.assert_allclose(schedule_values(schedule="constant"), BASE_LR)
 
 
-def test_learning_rate_read_from_state_equals_schedule():
-  cfg = dict(learning_rate=BASE_LR, schedule="linear_epoch", warmup_epochs=1.0)
-  schedule = optim.build_schedule(cfg, steps_per_epoch=2, num_epochs=4)
-  tx = optim.build_optimizer(cfg, steps_per_epoch=2, num_epochs=4)
-  params = toy_params()
-  state = tx.init(params)
-  assert optim.learning_rate(state) == schedule(0)
-  update = jax.jit(tx.update)
-  for n in range(1, 8):
-    _, state = update(toy_grads(0), state, params)
-    # After n updates: the lr of the n-th update, schedule(n - 1).
-    np.testing.assert_allclose(optim.learning_rate(state), schedule(n - 1),
-                               rtol=1e-7)
-  # Also when the optimizer sits inside another chain.
-  wrapped = optax.chain(optax.clip(1.0), tx)
-  assert optim.learning_rate(wrapped.init(params)) == schedule(0)
+class _TinyNet(nn.Module):
+  """Dense + BatchNorm: the smallest model with params and batch_stats."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dense(4)(x.reshape((x.shape[0], -1)))
+    return nn.BatchNorm(use_running_average=not train)(x)
+
+
+def _tiny_step(tx, **kwargs):
+  """Four jitted train steps of _TinyNet under `tx`; the metrics of each."""
+  model = _TinyNet()
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 3))
+  batch = {"image": x, "label": jnp.arange(8) % 4}
+  variables = model.init(jax.random.PRNGKey(1), x)
+  state = train_step.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(variables["params"]))
+  loss_cfg = losses.default_loss_config()
+  loss_cfg.kd_weight, loss_cfg.ce_weight = 0.0, 1.0
+  step_fn = jax.jit(train_step.make_train_step(model, tx, loss_cfg, None,
+                                               **kwargs))
+  out = []
+  for _ in range(4):
+    state, metrics = step_fn(state, batch, {})
+    out.append(jax.device_get(metrics))
+  return out
+
+
+def test_logged_lr_is_the_schedule_for_any_chain():
+  cfg = dict(name="optax.lion", learning_rate=BASE_LR, schedule="linear_epoch")
+  schedule = optim.build_schedule(cfg, steps_per_epoch=1, num_epochs=4)
+  tx = optim.build_optimizer(cfg, steps_per_epoch=1, num_epochs=4)
+  metrics = _tiny_step(tx, learning_rate=schedule)
+  # Update n runs at schedule(n) = BASE_LR * (1 - (n + 1) / 4).
+  np.testing.assert_allclose([m["train/lr"] for m in metrics],
+                             [BASE_LR * 3 / 4, BASE_LR / 2, BASE_LR / 4, 0.0],
+                             rtol=1e-6, atol=1e-12)
+  assert all(np.isfinite(m["train/loss"]) for m in metrics)
+  # A plain optax chain: a constant rate, or no rate when none is given.
+  plain = _tiny_step(optax.adam(1e-3), learning_rate=1e-3)
+  np.testing.assert_allclose([m["train/lr"] for m in plain], 1e-3)
+  assert "train/lr" not in _tiny_step(optax.adam(1e-3))[0]
+  # A chain that keeps its rate in the state (inject_hyperparams).
+  injected = optax.inject_hyperparams(optax.adam)(learning_rate=schedule)
+  np.testing.assert_allclose([m["train/lr"] for m in _tiny_step(injected)],
+                             [schedule(n) for n in range(4)], rtol=1e-6)
   with pytest.raises(ValueError, match="learning_rate"):
-    optim.learning_rate(optax.adam(1e-3).init(params))
+    optim.learning_rate(optax.adam(1e-3).init(toy_params()))
+
+
+# ---------------------------------------------------------------------------
+# Any optax chain: dotted paths, the registry, decay around them.
+
+
+def schedule_of(cfg, steps_per_epoch=1, num_epochs=4):
+  return optim.build_schedule(cfg, steps_per_epoch=steps_per_epoch,
+                              num_epochs=num_epochs)
+
+
+def assert_trees_close(a, b, **tolerances):
+  a, b = names_and_leaves(a), names_and_leaves(b)
+  assert a.keys() == b.keys()
+  for n in a:
+    np.testing.assert_allclose(a[n], b[n], err_msg=n, **tolerances)
+
+
+def test_dotted_optax_path_is_the_optax_chain_with_the_schedule():
+  cfg = dict(name="optax.lion", kwargs={"b1": 0.8}, learning_rate=BASE_LR,
+             schedule="linear_epoch")
+  got, _ = run(optim.build_optimizer(cfg, steps_per_epoch=1, num_epochs=4))
+  # optax.lion's own weight decay (default 1e-3) is off: decay is the config's.
+  want, _ = run(optax.lion(schedule_of(cfg), b1=0.8, weight_decay=0.0))
+  assert_trees_close(got, want, rtol=0, atol=0)
+  assert optim.resolve_config(cfg).kwargs.to_dict() == {"b1": 0.8,
+                                                        "weight_decay": 0.0}
+
+
+def test_decay_modes_around_an_optax_chain():
+  mask = optim.reference_decay_mask
+  cfg = dict(name="optax.lion", learning_rate=BASE_LR, weight_decay=WD,
+             schedule="linear_epoch")
+  schedule = schedule_of(cfg)
+  # decoupled: u - eta_t * lambda * M * w, which is optax.lion's own decay.
+  got, _ = run(optim.build_optimizer(cfg, steps_per_epoch=1, num_epochs=4))
+  want, _ = run(optax.lion(schedule, weight_decay=WD, mask=mask))
+  assert_trees_close(got, want, rtol=1e-6, atol=1e-9)
+  # coupled: lambda * M * w added to the gradient before the chain.
+  cfg["weight_decay_mode"] = "coupled"
+  got, _ = run(optim.build_optimizer(cfg, steps_per_epoch=1, num_epochs=4))
+  want, _ = run(optax.chain(optax.add_decayed_weights(WD, mask),
+                            optax.lion(schedule, weight_decay=0.0)))
+  assert_trees_close(got, want, rtol=0, atol=0)
+
+
+def test_registered_chain_gets_schedule_kwargs_clipping_and_decay():
+  def momentum_sgd(learning_rate, momentum=0.0):
+    return optax.sgd(learning_rate, momentum=momentum)
+
+  optim.register("test_momentum_sgd", momentum_sgd)
+  assert "test_momentum_sgd" in optim.registered()
+  cfg = dict(name="test_momentum_sgd", kwargs={"momentum": 0.9},
+             learning_rate=BASE_LR, schedule="cosine", grad_clip_norm=1.0,
+             weight_decay=WD, weight_decay_mode="coupled")
+  got, _ = run(optim.build_optimizer(cfg, steps_per_epoch=1, num_epochs=4))
+  # The same as the built-in sgd with that config (torch semantics).
+  sgd = dict(cfg, name="sgd", momentum=0.9)
+  del sgd["kwargs"]
+  want, _ = run(optim.build_optimizer(sgd, steps_per_epoch=1, num_epochs=4))
+  assert_trees_close(got, want, rtol=1e-6, atol=1e-9)
+  with pytest.raises(ValueError, match="cannot be called"):
+    optim.resolve_config(dict(cfg, kwargs={"nesterov": True}))
+  with pytest.raises(ValueError, match="cannot register"):
+    optim.register("adam", momentum_sgd)
+  with pytest.raises(ValueError, match="cannot register"):
+    optim.register("optax.mine", momentum_sgd)
+
+
+def test_lr_mults_scale_the_final_update():
+  cfg = adam_config(weight_decay_mode="coupled")
+  base, _ = run(optim.build_optimizer(cfg, steps_per_epoch=1, num_epochs=4),
+                num_steps=1)
+  got, _ = run(optim.build_optimizer(
+      dict(cfg, lr_mults=(("fc/.*", 0.5), ("stem_.*", 0.0))),
+      steps_per_epoch=1, num_epochs=4), num_steps=1)
+  start = names_and_leaves(toy_params())
+  base, got = names_and_leaves(base), names_and_leaves(got)
+  for n in start:
+    m = 0.5 if n.startswith("fc/") else 0.0 if n.startswith("stem_") else 1.0
+    # float32 parameters near 1: the differences carry ~1e-7 rounding.
+    np.testing.assert_allclose(got[n] - start[n], m * (base[n] - start[n]),
+                               rtol=0, atol=3e-7, err_msg=n)
+  tx = optim.build_optimizer(dict(cfg, lr_mults=(("nothing/.*", 2.0),)),
+                             steps_per_epoch=1, num_epochs=4)
+  with pytest.raises(ValueError, match="match no parameter"):
+    tx.init(toy_params())
 
 
 # ---------------------------------------------------------------------------
@@ -316,12 +438,42 @@ def test_bop_partition_applies_bop_to_binary_kernels_only():
     optim.bop_labels({"fc": {"kernel": jnp.ones((2, 2))}})
 
 
+def test_bop_with_any_chain_for_the_rest():
+  cfg = dict(name="bop", bop_rest="optax.lion", learning_rate=BASE_LR,
+             bop_threshold=0.0, schedule="constant")
+  params = toy_params()
+  tx = optim.build_optimizer(cfg, steps_per_epoch=1, num_epochs=4)
+  updates = names_and_leaves(tx.update(toy_grads(0), tx.init(params),
+                                       params)[0])
+  lion = optax.lion(BASE_LR, weight_decay=0.0)
+  lion_updates = names_and_leaves(
+      lion.update(toy_grads(0), lion.init(params), params)[0])
+  labels = names_and_leaves(optim.bop_labels(params))
+  leaves, grads = names_and_leaves(params), names_and_leaves(toy_grads(0))
+  for n, u in updates.items():
+    if labels[n] == "bop":
+      flip = np.sign(grads[n]) == np.sign(leaves[n])
+      np.testing.assert_array_equal(u, np.where(flip, -2 * leaves[n], 0.0))
+    else:  # lion is elementwise: the partition changes nothing
+      np.testing.assert_array_equal(u, lion_updates[n], err_msg=n)
+
+
 # ---------------------------------------------------------------------------
 # Config validation.
 
 
 @pytest.mark.parametrize("cfg, message", [
-    (dict(name="adamx"), "choose one of"),
+    (dict(name="adamx"),
+     r"optimizer.name='adamx'; choose one of \['adam', 'adamw', 'sgd', "
+     r"'lamb', 'bop'\], a registered name .* or a dotted optax path"),
+    (dict(name="optax.no_such_optimizer"), "dotted optax path"),
+    (dict(name="optax.GradientTransformation"), "not an optax function"),
+    (dict(name="bop", bop_rest="optax.nope"), "optimizer.bop_rest="),
+    (dict(name="bop", bop_rest="bop"), "Bop trains binary kernels only"),
+    (dict(name="adam", kwargs={"b1": 0.5}), "built-in 'adam' takes its own"),
+    (dict(name="optax.lion", kwargs={"beta": 0.5}), "cannot be called as"),
+    (dict(lr_mults="fc/.*"), "pairs"),
+    (dict(lr_mults=(("fc/.*", -1.0),)), "pairs"),
     (dict(schedule="step"), "choose one of"),
     (dict(weight_decay_mode="l2"), "choose one of"),
     (dict(learning_rate=0.0), "> 0"),
