@@ -42,6 +42,7 @@ rounding changes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -220,14 +221,23 @@ def _drop(tree: dict, path: tuple[str, ...]) -> None:
     _drop(tree, path[:-1])
 
 
+# Jitted once at module level so that each layer shape compiles once.
+_mean_abs = jax.jit(lambda w: jnp.mean(jnp.abs(w), axis=(0, 1, 2)))
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _fold(scale, bias, mean, var, epsilon):
+  m = jax.lax.rsqrt(var + epsilon) * scale
+  return m, bias - mean * m
+
+
 def binary_weight_scale(kernel: np.ndarray, binarizer: str) -> np.ndarray:
   """alpha_o = mean |W[..., o]| for 'scaled_sign' (as jax computes it), 1 for 'sign'."""
   if binarizer == "sign":
     return np.ones(kernel.shape[-1], np.float32)
   if binarizer != "scaled_sign":
     raise ValueError(f"no packed form for kernel binarizer {binarizer!r}")
-  return np.asarray(jax.jit(lambda w: jnp.mean(jnp.abs(w), axis=(0, 1, 2)))(
-      kernel), np.float32)
+  return np.asarray(_mean_abs(kernel), np.float32)
 
 
 def fold_batch_norm(module: BatchNorm, params: dict, stats: dict
@@ -236,10 +246,8 @@ def fold_batch_norm(module: BatchNorm, params: dict, stats: dict
 
   m = rsqrt(var + eps) * scale, o = bias - mean * m.
   """
-  fold = jax.jit(lambda scale, bias, mean, var: (
-      jax.lax.rsqrt(var + module.epsilon) * scale,
-      bias - mean * (jax.lax.rsqrt(var + module.epsilon) * scale)))
-  m, o = fold(params["scale"], params["bias"], stats["mean"], stats["var"])
+  m, o = _fold(params["scale"], params["bias"], stats["mean"], stats["var"],
+               float(module.epsilon))
   return np.asarray(m, np.float32), np.asarray(o, np.float32)
 
 

@@ -19,8 +19,10 @@ fi
 "$PYTHON" -m venv "$DIR"
 "$DIR/bin/python" -m pip install -q --upgrade pip
 # Pins: the TensorFlow that larq-compute-engine 0.16 was built against, the
-# tf-keras of that TensorFlow (Larq needs Keras 2) and numpy < 2.
+# tf-keras of that TensorFlow (Larq needs Keras 2: TF_USE_LEGACY_KERAS=1
+# makes tf.keras that one) and numpy < 2. (tf-keras depends on the full
+# `tensorflow` package, so that is the one pinned.)
 "$DIR/bin/python" -m pip install -q \
-  "tensorflow-cpu==2.16.2" "tf-keras==2.16.0" "larq==0.13.3" \
+  "tensorflow==2.16.2" "tf-keras==2.16.0" "larq==0.13.3" \
   "larq-compute-engine==0.16.0" "numpy==1.26.4"
-"$DIR/bin/python" -c "import larq_compute_engine as lce, larq, tensorflow as tf; print('lce env ok: tensorflow', tf.__version__, 'larq', larq.__version__, 'lce', lce.__version__)"
+TF_USE_LEGACY_KERAS=1 TF_CPP_MIN_LOG_LEVEL=3 "$DIR/bin/python" -c "import larq_compute_engine as lce, larq, tensorflow as tf; print('lce env ok: tensorflow', tf.__version__, 'larq', larq.__version__, 'lce', lce.__version__)"
