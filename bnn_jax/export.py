@@ -140,6 +140,7 @@ def build_packed(config, checkpoint: str, phase: str | None = None
       "bits": {"word": "uint32", "order": "channel c is bit c % 32 of word "
                "c // 32", "one": "+1", "zero": "-1"},
       "binary_convs": result.binary_convs,
+      "real_convs": result.real_convs,
       "source": {"checkpoint": os.path.abspath(checkpoint),
                  "phase": loaded["phase"],
                  "float_params_bytes": float_bytes,

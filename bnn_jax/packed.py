@@ -256,6 +256,7 @@ class PackResult:
   """What `pack_variables` made: the variables and per-layer facts."""
   variables: dict          # {'params': real layers, 'packed': bits, scales, BN maps}
   binary_convs: list[dict]  # per binary conv: path, shapes, zero weights
+  real_convs: list[dict]    # per real-valued conv: path, kernel, stride, pad
   zero_weights: int        # exact-zero binary weights stored as +1
 
 
@@ -277,7 +278,7 @@ def pack_variables(model: nn.Module, variables: dict,
                         jax.device_get(variables["params"]))
   stats = jax.device_get(variables.get("batch_stats", {}))
   packed: dict = {}
-  convs, zero_total = [], 0
+  convs, real, zero_total = [], [], 0
   for layer in trace_layers(model, input_shape):
     module = layer.module
     if isinstance(module, BatchNorm):
@@ -285,6 +286,12 @@ def pack_variables(model: nn.Module, variables: dict,
                              _get(stats, layer.path))
       _set(packed, layer.path, {"multiplier": m, "offset": o})
       _drop(params, layer.path)
+    elif isinstance(module, BinaryConv) and not module.binary_weights:
+      k = module.kernel_size
+      real.append({
+          "path": "/".join(layer.path), "kernel_size": k,
+          "strides": module.strides,
+          "padding": (k - 1) // 2 if module.padding is None else module.padding})
     elif _is_packed_conv(module):
       kernel = _get(params, layer.path)["kernel"]
       zeros = int(np.sum(kernel == 0))
@@ -303,7 +310,8 @@ def pack_variables(model: nn.Module, variables: dict,
           "out_channels": int(kernel.shape[3]),
           "zero_weights": zeros})
       zero_total += zeros
-  return PackResult({"params": params, PACKED: packed}, convs, zero_total)
+  return PackResult({"params": params, PACKED: packed}, convs, real,
+                    zero_total)
 
 
 def nudge_zero_weights(model: nn.Module, variables: dict,
