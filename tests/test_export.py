@@ -161,3 +161,20 @@ def test_imported_reference_reactnet_a(tmp_path):
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
   np.testing.assert_allclose(got, want, rtol=1e-3,
                              atol=1e-3 * np.abs(want).max())
+
+
+LCE_PYTHON = os.environ.get("BNN_JAX_LCE_PYTHON", export.DEFAULT_LCE_PYTHON)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(LCE_PYTHON),
+                    reason="no LCE environment (bash tools/make_lce_env.sh)")
+def test_lce_tflite_predicts_as_the_packed_forward(digits_step2, tmp_path):
+  config, checkpoint = digits_step2
+  out = str(tmp_path / "digits.tflite")
+  result = export.export_lce(config, checkpoint, out, lce_python=LCE_PYTHON,
+                             check_examples=16)
+  assert result["bytes"] == os.path.getsize(out)
+  assert result["ops"] == ["LceBconv2d", "LceQuantize"]
+  assert result["predictions_equal"] and result["examples"] == 16
+  assert result["max_abs_logit_diff"] <= 1e-4 * result["max_abs_logit"]
