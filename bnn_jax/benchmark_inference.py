@@ -42,7 +42,6 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
@@ -65,7 +64,7 @@ def define_flags() -> None:
 
 
 def random_variables(model: Any, shape: tuple[int, ...], seed: int = 0) -> dict:
-  """Normal(0, 1) parameters, BatchNorm variances in [0.5, 2): a non-trivial net."""
+  """Normal(0, 1) parameters, BatchNorm variances in [0.5, 2)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -195,7 +194,7 @@ def benchmark_case(model_name: str, input_size: int, batches: Sequence[int],
 
 
 def benchmark_gemm(n: int, hw: int, cin: int, cout: int, rounds: int) -> dict:
-  """One 1x1 binary conv: XNOR-popcount (packed_conv) vs a float32 matmul of +-1."""
+  """One 1x1 binary conv: XNOR-popcount vs a float32 matmul of +-1."""
   import jax
   import jax.numpy as jnp
   import numpy as np

@@ -60,7 +60,7 @@ def define_flags() -> None:
 
 
 def load_phase(config, checkpoint: str, phase: str | None = None) -> dict:
-  """Phase `phase`'s model (default: the last phase) and `checkpoint`'s variables.
+  """Phase `phase`'s model (default: the last phase), `checkpoint`'s variables.
 
   The model is the config's, except its sign(0) convention (`zero_to`):
   when the checkpoint's meta records one (training runs and

@@ -1,4 +1,4 @@
-"""A packed ReActNet-A as a Larq model, converted to TFLite with LCE's binary ops.
+"""A packed ReActNet-A as a Larq model, converted to TFLite with LCE binary ops.
 
 Runs in the LCE environment (`bash tools/make_lce_env.sh`: TensorFlow 2.16,
 tf-keras, Larq, larq-compute-engine 0.16, numpy < 2), not in bnn_jax's own:
@@ -225,7 +225,7 @@ class _Net:
 
 
 def convert(packed_path: str, out: str, check: str | None = None) -> dict:
-  """Builds, converts and (with `check`) verifies; returns a JSON-able summary."""
+  """Builds, converts and (with `check`) verifies; returns a JSON summary."""
   import larq_compute_engine as lce
 
   header, arrays = read_packed(packed_path)

@@ -82,7 +82,7 @@ def num_words(channels: int) -> int:
 
 
 def pack_bits(bits: Any) -> Any:
-  """uint32 words [..., ceil(C / 32)] of booleans [..., C] (bit c % 32 of word c // 32).
+  """uint32 words [..., ceil(C / 32)] of booleans [..., C], LSB first.
 
   Works on numpy arrays (export) and traced jax arrays (activations).
   """
@@ -232,7 +232,7 @@ def _fold(scale, bias, mean, var, epsilon):
 
 
 def binary_weight_scale(kernel: np.ndarray, binarizer: str) -> np.ndarray:
-  """alpha_o = mean |W[..., o]| for 'scaled_sign' (as jax computes it), 1 for 'sign'."""
+  """alpha_o = mean |W[..., o]| for 'scaled_sign' (by jax), 1 for 'sign'."""
   if binarizer == "sign":
     return np.ones(kernel.shape[-1], np.float32)
   if binarizer != "scaled_sign":
@@ -254,7 +254,7 @@ def fold_batch_norm(module: BatchNorm, params: dict, stats: dict
 @dataclasses.dataclass
 class PackResult:
   """What `pack_variables` made: the variables and per-layer facts."""
-  variables: dict          # {'params': real layers, 'packed': bits, scales, BN maps}
+  variables: dict          # {'params': real layers, 'packed': bits, BN maps}
   binary_convs: list[dict]  # per binary conv: path, shapes, zero weights
   real_convs: list[dict]    # per real-valued conv: path, kernel, stride, pad
   zero_weights: int        # exact-zero binary weights stored as +1
@@ -291,7 +291,8 @@ def pack_variables(model: nn.Module, variables: dict,
       real.append({
           "path": "/".join(layer.path), "kernel_size": k,
           "strides": module.strides,
-          "padding": (k - 1) // 2 if module.padding is None else module.padding})
+          "padding": ((k - 1) // 2 if module.padding is None
+                      else module.padding)})
     elif _is_packed_conv(module):
       kernel = _get(params, layer.path)["kernel"]
       zeros = int(np.sum(kernel == 0))
@@ -406,7 +407,7 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 
 def write(path: str, header: dict, variables: dict) -> int:
-  """Writes header (JSON) and variables as one uncompressed .npz; returns its bytes.
+  """Writes header (JSON) and variables as one .npz; returns its size in bytes.
 
   Written to `path + '.tmp'` and renamed, so a failure never leaves a
   truncated file under `path`.
@@ -425,7 +426,7 @@ def write(path: str, header: dict, variables: dict) -> int:
 
 
 def read(path: str) -> tuple[dict, dict]:
-  """(header, variables) of a packed file; PackedFormatError when it is not one."""
+  """(header, variables) of a packed file; PackedFormatError if not one."""
   if not os.path.isfile(path):
     raise PackedFormatError(f"packed file {path} does not exist; write one "
                             "with python -m bnn_jax.export --format=packed")
@@ -468,8 +469,9 @@ def variables_bytes(variables: Any) -> int:
 # ---------------------------------------------------------------------------
 def check_input_matches(header: dict, dataset: str,
                         image_shape: tuple[int, ...],
-                        mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-  """ValueError when the data a config feeds is not what the file was exported for."""
+                        mean: tuple[float, ...], std: tuple[float, ...]
+                        ) -> None:
+  """ValueError when a config feeds other data than the file expects."""
   want = header["input"]
   got = {"dataset": dataset, "shape": [int(d) for d in image_shape],
          "mean": [float(m) for m in mean], "std": [float(s) for s in std]}

@@ -15,8 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_parse_cases():
-  assert benchmark_inference.parse_cases("reactnet_a:224, reactnet_a_cifar:32") \
-      == [("reactnet_a", 224), ("reactnet_a_cifar", 32)]
+  cases = benchmark_inference.parse_cases("reactnet_a:224, reactnet_a_cifar:32")
+  assert cases == [("reactnet_a", 224), ("reactnet_a_cifar", 32)]
   with pytest.raises(ValueError, match="'reactnet_a' is not model:input_size"):
     benchmark_inference.parse_cases("reactnet_a")
 

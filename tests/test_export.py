@@ -1,4 +1,4 @@
-"""`bnn_jax.export` end to end: a digits run and an imported reference ReActNet-A.
+"""`bnn_jax.export` end to end: a digits run, an imported reference ReActNet-A.
 
 The packed file must give exactly the float model's predictions: on the
 digits test split (top-1 over all 360 examples, through both evaluate

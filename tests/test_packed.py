@@ -84,7 +84,7 @@ def test_packed_conv_rejects_a_kernel_for_other_channels():
 
 
 def _random_variables(model, shape, seed, zero_weights=0):
-  """Random params and BN statistics; `zero_weights` exact zeros in binary kernels."""
+  """Random params and BN statistics; `zero_weights` binary weights set to 0."""
   variables = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False),
       jax.ShapeDtypeStruct((1,) + shape, jnp.float32))
