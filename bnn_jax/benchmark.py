@@ -3,6 +3,8 @@
   python -m bnn_jax.benchmark --model=reactnet_a --batch=16 --input_size=224 \
       [--phase=step2] [--dtype=float32] [--teacher=resnet34] [--steps=10] \
       [--warmup=2] [--num_classes=1000] [--json]
+  python -m bnn_jax.benchmark --inference [...]   (bnn_jax.benchmark_inference:
+      the float forward against the 1-bit packed forward)
 
 The step is `train_step.make_train_step` (forward, backward, optimizer
 update, BatchNorm statistics), jitted with the state donated as in training, on
@@ -426,5 +428,10 @@ if __name__ == "__main__":
   # Before TensorFlow / JAX are imported (lazily, in the functions above).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   xla_defaults.apply()
+  if "--inference" in sys.argv:  # float vs packed forward, its own flags
+    from bnn_jax import benchmark_inference
+    sys.argv.remove("--inference")
+    benchmark_inference.define_flags()
+    app.run(benchmark_inference.main)
   define_flags()
   app.run(main)

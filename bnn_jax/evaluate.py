@@ -2,18 +2,24 @@
 
   python -m bnn_jax.evaluate --config=configs/digits.py \
       --checkpoint=/tmp/bnn_digits/step2 [--phase=step2] [--json]
+  python -m bnn_jax.evaluate --config=configs/digits.py \
+      --packed=/tmp/digits_step2.bnn.npz [--json]
 
 Builds the model of phase `--phase` of the config (default: the last phase
 of `config.phase_order`), restores `{'params', 'batch_stats'}` from
 `--checkpoint` (a phase directory, its `checkpoints/` directory, or the
 output of `bnn_jax.import_torch`; the latest step), checks that they match
 the model exactly (any missing, unexpected or mis-shaped variable is an
-error naming it) and evaluates it in eval mode (BatchNorm running
+error naming it; sign(0) follows the checkpoint's recorded `zero_to`) and
+evaluates it in eval mode (BatchNorm running
 statistics) over the config's eval split, every example exactly once (the
 last batch is padded and masked):
 
   top-1 = #{argmax logits = label} / N,  top-5 = #{label in top 5} / N,
   loss  = mean cross-entropy -log softmax(logits)_label.
+
+With `--packed`, evaluates a packed file (`bnn_jax.export`) instead: its
+binary convs run as XNOR-popcount over 1-bit words (`bnn_jax.packed`).
 
 Prints one line, or with `--json` one JSON object. Any config field can be
 overridden, e.g. `--config.dataset.data_dir=...` or `--config.eval_batch_size=`.
@@ -44,10 +50,55 @@ def define_flags() -> None:
       "config", None, "Path to a config file (configs/*.py).",
       lock_config=True)
   flags.DEFINE_string("checkpoint", None, "Checkpoint directory to evaluate.")
+  flags.DEFINE_string("packed", None, "A packed file (python -m "
+                      "bnn_jax.export --format=packed) to evaluate instead "
+                      "of --checkpoint, with XNOR-popcount binary convs.")
   flags.DEFINE_string("phase", None, "Phase whose model to build; default: "
                       "the last of config.phase_order.")
   flags.DEFINE_bool("json", False, "Print the result as one JSON object.")
   flags.DEFINE_bool("debug", False, "Show full tracebacks on errors.")
+
+
+def load_phase(config, checkpoint: str, phase: str | None = None) -> dict:
+  """Phase `phase`'s model (default: the last phase), `checkpoint`'s variables.
+
+  The model is the config's, except its sign(0) convention (`zero_to`):
+  when the checkpoint's meta records one (training runs and
+  `bnn_jax.import_torch` do), that one is used, since the weights were
+  trained or imported under it. The variables must match the model exactly.
+
+  Returns:
+    {'phase', 'model_cfg' (name + attributes as built), 'model',
+     'variables' ({'params', 'batch_stats'}, host arrays), 'meta', 'info'
+     (the data set's `input_pipeline.DatasetInfo`)}.
+  """
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+
+  from bnn_jax import checkpoint as checkpoint_lib
+  from bnn_jax import input_pipeline
+  from bnn_jax import phases
+  from bnn_jax import train
+
+  names = phases.phase_names(config)
+  phase = phase or names[-1]
+  if phase not in config.phases:
+    raise ValueError(f"--phase={phase!r} is not a phase of the config; "
+                     f"defined phases: {sorted(config.phases)}")
+  info = input_pipeline.get_info(config.dataset)
+  variables, meta = checkpoint_lib.load_variables(checkpoint)
+  model_cfg = ml_collections.ConfigDict(config.phases[phase].model.to_dict())
+  recorded = (meta.get("model") or {}).get("zero_to")
+  if recorded is not None and "zero_to" in model_cfg:
+    model_cfg.zero_to = float(recorded)
+  model = train.build_model(config, model_cfg, info.num_classes)
+  abstract = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False),
+      jax.ShapeDtypeStruct((1,) + tuple(info.image_shape), jnp.float32))
+  train.check_variables_match(abstract, variables, f"checkpoint {checkpoint}")
+  return {"phase": phase, "model_cfg": model_cfg.to_dict(), "model": model,
+          "variables": variables, "meta": meta, "info": info}
 
 
 def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
@@ -58,41 +109,25 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
      'loss', 'count'}; count is the number of examples evaluated.
   """
   import jax
-  import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from bnn_jax import checkpoint as checkpoint_lib
   from bnn_jax import input_pipeline
-  from bnn_jax import phases
   from bnn_jax import train
   from bnn_jax import train_step
 
-  names = phases.phase_names(config)
-  phase = phase or names[-1]
-  if phase not in config.phases:
-    raise ValueError(f"--phase={phase!r} is not a phase of the config; "
-                     f"defined phases: {sorted(config.phases)}")
-  info = input_pipeline.get_info(config.dataset)
-  model_cfg = config.phases[phase].model
-  model = train.build_model(config, model_cfg, info.num_classes)
-  variables, _ = checkpoint_lib.load_variables(checkpoint)
-  abstract = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False),
-      jax.ShapeDtypeStruct((1,) + tuple(info.image_shape), jnp.float32))
-  train.check_variables_match(abstract, variables, f"checkpoint {checkpoint}")
-
+  loaded = load_phase(config, checkpoint, phase)
   mesh = train.make_mesh()
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-  eval_step = jax.jit(train_step.make_eval_step(model),
+  eval_step = jax.jit(train_step.make_eval_step(loaded["model"]),
                       in_shardings=(replicated, batch_sharding),
                       out_shardings=replicated)
   batches = input_pipeline.eval_iterator(
       config.dataset, global_batch_size=config.eval_batch_size,
       sharding=batch_sharding)
   result = train_step.evaluate(
-      eval_step, jax.device_put(variables, replicated), batches)
-  return {"phase": phase, "model": model_cfg.name,
+      eval_step, jax.device_put(loaded["variables"], replicated), batches)
+  return {"phase": loaded["phase"], "model": loaded["model_cfg"]["name"],
           "checkpoint": os.path.abspath(checkpoint),
           "dataset": config.dataset.name,
           "split": config.dataset.eval_split,
@@ -110,11 +145,17 @@ def format_line(r: dict) -> str:
 def main(argv):
   del argv
   try:
-    if FLAGS.config is None or FLAGS.checkpoint is None:
-      raise ValueError("pass --config=configs/<name>.py and --checkpoint=<dir>")
+    if FLAGS.config is None or (FLAGS.checkpoint is None) == (
+        FLAGS.packed is None):
+      raise ValueError("pass --config=configs/<name>.py and either "
+                       "--checkpoint=<dir> or --packed=<file>")
     # Before JAX's backend starts its threads (config.cpu_malloc).
     malloc_defaults.apply(FLAGS.config.cpu_malloc)
-    result = run_evaluation(FLAGS.config, FLAGS.checkpoint, FLAGS.phase)
+    if FLAGS.packed is not None:
+      from bnn_jax import packed
+      result = packed.run_evaluation(FLAGS.config, FLAGS.packed)
+    else:
+      result = run_evaluation(FLAGS.config, FLAGS.checkpoint, FLAGS.phase)
   except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
     if FLAGS.debug:
       raise

@@ -9,7 +9,8 @@ Reads an AdamBNN / ReActNet-A or torchvision ResNet checkpoint (`.pth`,
 mis-shaped key is an error naming it) and writes `--out` with
 `checkpoint.save_variables`: a directory that `init_from=` and
 `python -m bnn_jax.evaluate --checkpoint=` accept. Its meta records the
-source file, the model and the checkpoint's scalar entries (epoch,
+source file, the model, the reference's sign(0) = 0 (`model.zero_to`, which
+evaluation and export then use) and the checkpoint's scalar entries (epoch,
 best_top1_acc).
 
 Exit status: 0 done; 1 bad input (one-line error; `--debug` shows the
@@ -50,7 +51,8 @@ def convert(checkpoint: str, model_name: str, out: str,
   state_dict, extras = torch_import.read_checkpoint(checkpoint)
   kwargs = {} if num_classes is None else {"num_classes": num_classes}
   variables = torch_import.from_state_dict(state_dict, model_name, **kwargs)
-  meta = {"phase": "import_torch", "model": {"name": model_name},
+  meta = {"phase": "import_torch",
+          "model": {"name": model_name, "zero_to": torch_import.SIGN_ZERO},
           "source": os.path.abspath(checkpoint),
           "num_classes": int(variables["params"]["fc"]["bias"].shape[0]),
           "num_tensors": len(state_dict), **extras}

@@ -61,6 +61,10 @@ from bnn_jax.models.reactnet import ReActNetA
 from bnn_jax.models.resnet import ResNet
 
 TORCH_INSTALL = "pip install torch==2.13.0"
+# sign(0) of the reference code: torch.sign(0) = 0, for activations and
+# weights (bnn_jax's `zero_to`). Imported checkpoints record it in their meta
+# (`model.zero_to`), and evaluation and export use it.
+SIGN_ZERO = 0.0
 DATA_PARALLEL_PREFIX = "module."
 NUM_BATCHES_TRACKED = "num_batches_tracked"
 
