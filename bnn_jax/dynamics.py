@@ -66,6 +66,7 @@ from etils import epath
 from bnn_jax import layers
 from bnn_jax import losses
 from bnn_jax import optim
+from bnn_jax import paths
 
 Array = jax.Array
 # A metric: fraction per binary layer (module path) plus OVERALL.
@@ -404,9 +405,7 @@ def _write_signs(path: epath.Path, init: Mapping[str, Any],
   arrays.update({f"start/{k}": np.asarray(v) for k, v in start.items()})
   buf = io.BytesIO()
   np.savez_compressed(buf, **arrays)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buf.getvalue())
-  tmp.rename(path)
+  paths.write_bytes_atomic(path, buf.getvalue())
 
 
 def _matches(signs: Mapping[str, np.ndarray],

@@ -63,6 +63,7 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
 
   from bnn_jax import checkpoint as checkpoint_lib
   from bnn_jax import input_pipeline
+  from bnn_jax import paths
   from bnn_jax import phases
   from bnn_jax import train
   from bnn_jax import train_step
@@ -93,7 +94,7 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   result = train_step.evaluate(
       eval_step, jax.device_put(variables, replicated), batches)
   return {"phase": phase, "model": model_cfg.name,
-          "checkpoint": os.path.abspath(checkpoint),
+          "checkpoint": str(paths.resolve(checkpoint, "--checkpoint")),
           "dataset": config.dataset.name,
           "split": config.dataset.eval_split,
           "top1": result["eval/top1"], "top5": result["eval/top5"],

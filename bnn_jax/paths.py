@@ -57,9 +57,20 @@ def resolve(path: PathLike, what: str = "--workdir") -> epath.Path:
   return epath.Path(text)
 
 
-def write_text_atomic(path: epath.Path, text: str) -> None:
-  """Writes `text` to `path` via `<path>.tmp` and a rename (a reader never
-  sees half a file; on GCS the object appears whole when written)."""
+def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
+  """Writes `data` so that a reader never sees half of it.
+
+  Locally via `<path>.tmp` and a rename; on GCS directly (an object appears
+  whole when its upload completes, and a rename there is a copy).
+  """
+  if not is_local(path):
+    path.write_bytes(data)
+    return
   tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   tmp.replace(path)
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+  """`write_bytes_atomic` of `text` in UTF-8."""
+  write_bytes_atomic(path, text.encode("utf-8"))
