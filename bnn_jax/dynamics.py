@@ -65,6 +65,7 @@ from etils import epath
 
 from bnn_jax import layers
 from bnn_jax import losses
+from bnn_jax import multihost
 from bnn_jax import optim
 from bnn_jax import paths
 
@@ -478,9 +479,9 @@ class DynamicsMonitor:
     else:
       start = current
       if step:
-        print(f"[{phase_name}] dynamics: no {SIGNS_FILE} from the phase "
-              f"start; C2I references are the signs at step {step}",
-              flush=True)
+        print(f"{multihost.prefix()}[{phase_name}] dynamics: no "
+              f"{SIGNS_FILE} from the phase start; C2I references are the "
+              f"signs at step {step}", flush=True)
       init = _inherited_init(config, phase_name, phase_index, workdir,
                              current) or current
       if jax.process_index() == 0:
@@ -528,6 +529,7 @@ def _inherited_init(config: ml_collections.ConfigDict, phase_name: str,
     init = _read_signs(path)["init"]
     if _matches(init, current):
       return init
-  print(f"[{phase_name}] dynamics: {path} missing or not matching; C2I "
-        "against the initialisation uses the phase start instead", flush=True)
+  print(f"{multihost.prefix()}[{phase_name}] dynamics: {path} missing or not "
+        "matching; C2I against the initialisation uses the phase start "
+        "instead", flush=True)
   return None
