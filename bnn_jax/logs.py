@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import shutil
 import tempfile
 from typing import Any, Mapping
@@ -87,7 +88,7 @@ class StagedWriter(metric_writers.MultiWriter):
   `close()` then deletes the staging directory.
   """
 
-  def __init__(self, writers, staging: epath.Path, target: epath.Path,
+  def __init__(self, writers, staging: pathlib.Path, target: epath.Path,
                copied: Mapping[str, int] = ()):
     """`copied`: {relative path: size} of staged files already in `target`."""
     super().__init__(writers)
@@ -97,10 +98,9 @@ class StagedWriter(metric_writers.MultiWriter):
 
   def flush(self) -> None:
     super().flush()
-    for local in sorted(self._staging.rglob("*")):
-      if not local.is_file():
-        continue
-      relative = str(local.relative_to(self._staging))
+    # The staging directory is local by construction (pathlib, not epath).
+    for local in sorted(p for p in self._staging.rglob("*") if p.is_file()):
+      relative = local.relative_to(self._staging).as_posix()
       size = local.stat().st_size
       if self._copied.get(relative) == size:
         continue
@@ -130,7 +130,7 @@ def create_writer(workdir: paths.PathLike,
         str(workdir / phase), asynchronous=False)
     return metric_writers.MultiWriter(
         [tensorboard, JsonlWriter(workdir / METRICS_FILE, phase)])
-  staging = epath.Path(tempfile.mkdtemp(prefix="bnn_jax_logs_"))
+  staging = pathlib.Path(tempfile.mkdtemp(prefix="bnn_jax_logs_"))
   copied = {}
   remote_metrics = workdir / METRICS_FILE
   if remote_metrics.exists():  # Appended to here, then copied back whole.

@@ -1,7 +1,8 @@
 """A gs:// workdir end to end, against a local GCS emulator.
 
 The real `bnn_jax.main` job (digits, shrunk; TensorBoard on) runs with
-`--workdir=gs://<bucket>/...` served by `gcp-storage-emulator`: orbax's
+`--workdir=gs://<bucket>/...` served by `gcp-storage-emulator` (through
+tests/gcs_emulator.py, which adds a header TensorStore needs): orbax's
 arrays go through TensorStore (`TENSORSTORE_GCS_HTTP_URL`), every other
 file through etils.epath and gcsfs (`EPATH_USE_TF=false`,
 `STORAGE_EMULATOR_HOST`). Killed with SIGKILL mid-phase and re-run, it ends
@@ -43,7 +44,8 @@ def emulator(tmp_path_factory):
   port = multiprocess_util.free_port()
   log = open(tmp_path_factory.mktemp("emulator") / "log.txt", "w")
   proc = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start",
+      [sys.executable, os.path.join(os.path.dirname(__file__),
+                                    "gcs_emulator.py"), "start",
        f"--port={port}", f"--default-bucket={_BUCKET}",
        "--no-store-on-disk"], stdout=log, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + 60
