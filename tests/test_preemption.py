@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from bnn_jax import train
 from bnn_jax.datasets import digits
 import multiprocess_util  # tests/ is on sys.path (rootdir conftest)
 
@@ -64,7 +65,9 @@ def test_sigterm_to_one_process_stops_both_then_resumes_bitwise(
   codes = run.wait(timeout=120)
   seconds = time.monotonic() - signalled
   assert codes == [143, 143], (run.output(0)[-2000:], run.output(1)[-2000:])
-  assert seconds < 60, f"stopped {seconds:.0f} s after the signal"
+  # Within STOP_CHECK_EVERY_STEPS steps (about a second on an idle machine;
+  # this bound leaves room for a loaded one).
+  assert seconds < 180, f"stopped {seconds:.0f} s after the signal"
   for i in (0, 1):
     assert "Traceback" not in run.output(i), run.output(i)[-3000:]
   out0, out1 = run.output(0), run.output(1)
@@ -72,7 +75,9 @@ def test_sigterm_to_one_process_stops_both_then_resumes_bitwise(
   assert "[teacher] step" not in out1  # One voice: process 0 reports.
   steps = sorted(int(d) for d in os.listdir(workdir / "teacher" /
                                             "checkpoints") if d.isdigit())
-  assert len(steps) == 1 and 12 <= steps[0] < _TOTAL_STEPS, steps
+  # One checkpoint, at the first agreement point after the signal.
+  assert len(steps) == 1 and 12 < steps[0] < _TOTAL_STEPS, steps
+  assert steps[0] % train.STOP_CHECK_EVERY_STEPS == 0, steps
   assert f"stopped at step {steps[0]}/{_TOTAL_STEPS}" in out0
 
   # The same command again: continues and ends bitwise where the
