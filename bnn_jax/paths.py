@@ -1,4 +1,4 @@
-"""Workdir paths: local directories and `gs://` buckets, one helper for both.
+"""Paths: workdirs (local directories and `gs://` buckets) and pytree paths.
 
 Every file a run reads or writes under its workdir (checkpoints through
 orbax, config.json, results.json, metrics.jsonl, TensorBoard events,
@@ -12,13 +12,16 @@ workdir may be a local directory or a Google Cloud Storage URI:
 
 Other schemes (`s3://`, `hdfs://`, `file://`, ...) are refused before
 anything trains: this code runs and tests only the two above.
+
+`tree_path` names a leaf of a parameter pytree ('block_1/conv/kernel'), the
+one spelling used in error messages, optimizer labels and dynamics metrics.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Union
+from typing import Any, Sequence, Union
 
 from etils import epath
 
@@ -74,3 +77,9 @@ def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
 def write_text_atomic(path: epath.Path, text: str) -> None:
   """`write_bytes_atomic` of `text` in UTF-8."""
   write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def tree_path(key_path: Sequence[Any]) -> str:
+  """A pytree key path as 'a/b/0/c' (dict keys, indices and attributes)."""
+  import jax  # pylint: disable=g-import-not-at-top  (paths is imported early)
+  return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")

@@ -132,15 +132,11 @@ def params_sha256(params: Any) -> str:
   return h.hexdigest()
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def check_variables_match(expected: Any, given: Any, what: str) -> None:
   """Raises ValueError listing missing, unexpected and mis-shaped variables."""
-  exp = {_path_str(p): tuple(v.shape) for p, v in
+  exp = {paths.tree_path(p): tuple(v.shape) for p, v in
          jax.tree_util.tree_flatten_with_path(expected)[0]}
-  got = {_path_str(p): tuple(np.shape(v)) for p, v in
+  got = {paths.tree_path(p): tuple(np.shape(v)) for p, v in
          jax.tree_util.tree_flatten_with_path(given)[0]}
   missing = sorted(set(exp) - set(got))
   extra = sorted(set(got) - set(exp))
