@@ -443,8 +443,8 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
         report_progress(step)
         if dynamics_monitor is not None:
           dynamics_monitor.after_step(step, state, batch, teacher_vars)
-        epoch, end_of_epoch = divmod(step, steps_per_epoch)
-        end_of_epoch = end_of_epoch == 0
+        epoch = step // steps_per_epoch
+        end_of_epoch = step % steps_per_epoch == 0
 
         # --- Metrics and the NaN check. ---
         if step % config.log_every_steps == 0 or end_of_epoch:
