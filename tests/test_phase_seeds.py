@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from bnn_jax import phases
 from bnn_jax import train
@@ -18,6 +19,7 @@ def test_phase_seeds_depend_on_name_and_seed_only():
               for n in ("teacher", "step1", "step2")}) == 6
 
 
+@pytest.mark.slow
 def test_a_phase_run_alone_trains_as_within_the_whole_run(tmp_path):
   """`other` (a second teacher) after `teacher`, and alone: same bits."""
   config = digits_config.get_config()
