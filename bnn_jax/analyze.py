@@ -42,6 +42,8 @@ import matplotlib
 from matplotlib import figure
 import numpy as np
 
+from bnn_jax import paths
+
 DYNAMICS_PREFIX = "dynamics/"
 # Overall dynamics metrics, in the order they are plotted, with titles.
 DYNAMICS_PANELS = (
@@ -130,26 +132,25 @@ def load_run(workdir: str, label: Optional[str] = None,
     FileNotFoundError: no metrics.jsonl in workdir.
     ValueError: the run has none of `phases`.
   """
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  run_dir = paths.resolve(workdir, "workdir")
+  path = run_dir / "metrics.jsonl"
+  if not path.exists():
     raise FileNotFoundError(f"{path} does not exist; pass a --workdir written "
                             "by `python -m bnn_jax.main`")
   merged: dict[tuple[str, int], dict] = {}
   order: list[str] = []
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      record = json.loads(line)
-      phase, step = record.pop("phase"), int(record.pop("step"))
-      if phase not in order:
-        order.append(phase)
-      merged.setdefault((phase, step), {}).update(record)
+  for line in path.read_text().splitlines():
+    if not line.strip():
+      continue
+    record = json.loads(line)
+    phase, step = record.pop("phase"), int(record.pop("step"))
+    if phase not in order:
+      order.append(phase)
+    merged.setdefault((phase, step), {}).update(record)
   results = {}
-  results_path = os.path.join(workdir, "results.json")
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
+  results_path = run_dir / "results.json"
+  if results_path.exists():
+    results = json.loads(results_path.read_text())
     order = [p for p in results if p in order] + [p for p in order
                                                   if p not in results]
   if phases:
@@ -167,7 +168,7 @@ def load_run(workdir: str, label: Optional[str] = None,
     series[phase] = {name: (np.array([s for s, _ in pts]),
                             np.array([v for _, v in pts]))
                      for name, pts in by_name.items()}
-  label = label or os.path.basename(os.path.normpath(workdir))
+  label = label or run_dir.name
   run = Run(workdir=workdir, label=label, phases=order, series=series,
             results=results)
   align_phases([run])

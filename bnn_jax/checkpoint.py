@@ -10,7 +10,8 @@ or the output of `bnn_jax.import_torch`):
 `restore` restores into the shardings of an abstract target (so a resumed run
 gets exactly the arrays it saved, placed where the jitted step wants them);
 `load_variables` reads {'params', 'batch_stats'} from any such directory for
-hand-off, `init_from`, teachers and evaluation.
+hand-off, `init_from`, teachers and evaluation. Directories may be local or
+`gs://` (see `bnn_jax.paths`).
 """
 
 from __future__ import annotations
@@ -25,27 +26,29 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from bnn_jax import paths
+
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, corrupt, truncated or foreign."""
 
 
-def _manager(directory: str, max_to_keep: Optional[int] = 2,
+def _manager(directory: epath.Path, max_to_keep: Optional[int] = 2,
              read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
       # Synchronous saves: a checkpoint is complete when save() returns, so
       # SIGKILL right after a save never leaves a half-written latest step.
       enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  return ocp.CheckpointManager(directory, options=options,
                                item_names=("state", "meta"))
 
 
 class Checkpointer:
   """Saves and restores one phase's training state, keeping the last few."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: paths.PathLike, max_to_keep: int = 2):
+    self.directory = paths.resolve(directory, "checkpoint directory")
     self._mngr = _manager(self.directory, max_to_keep=max_to_keep)
 
   def latest_step(self) -> Optional[int]:
@@ -181,10 +184,11 @@ def corrupt_checkpoint_error(directory: str, step: int, all_steps,
       "--workdir")
 
 
-def save_variables(directory: str, variables: dict, meta: dict,
+def save_variables(directory: paths.PathLike, variables: dict, meta: dict,
                    step: int = 0) -> None:
   """Writes {'params', 'batch_stats'} as a checkpoint that `load_variables` reads."""
-  mngr = _manager(directory, max_to_keep=None)
+  mngr = _manager(paths.resolve(directory, "checkpoint directory"),
+                  max_to_keep=None)
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave({"params": variables["params"],
                                    "batch_stats": variables.get("batch_stats",
@@ -194,7 +198,7 @@ def save_variables(directory: str, variables: dict, meta: dict,
   mngr.close()
 
 
-def _local_target(state_dir: str) -> Any:
+def _local_target(state_dir: epath.Path) -> Any:
   """The saved pytree's shapes and dtypes, on this process's first device.
 
   Restoring without a target recreates the saving run's shardings, which
@@ -212,7 +216,7 @@ def _local_target(state_dir: str) -> Any:
       metadata)
 
 
-def load_variables(directory: str, step: Optional[int] = None
+def load_variables(directory: paths.PathLike, step: Optional[int] = None
                    ) -> tuple[dict, dict]:
   """Reads ({'params', 'batch_stats'}, meta) from a checkpoint directory.
 
@@ -220,10 +224,10 @@ def load_variables(directory: str, step: Optional[int] = None
   `checkpoints/` child) or an import output. Uses the latest step unless
   `step` is given. Arrays come back as host numpy arrays.
   """
-  directory = os.path.abspath(directory)
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = paths.resolve(directory, "checkpoint directory")
+  if (directory / "checkpoints").is_dir():
+    directory = directory / "checkpoints"
+  if not directory.is_dir():
     raise CheckpointError(f"checkpoint directory {directory} does not exist; "
                           "pass a directory written by bnn_jax (training or "
                           "import_torch)")
@@ -236,7 +240,7 @@ def load_variables(directory: str, step: Optional[int] = None
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(
-            _local_target(os.path.join(directory, str(step), "state"))),
+            _local_target(directory / str(step) / "state")),
         meta=ocp.args.JsonRestore()))
     state, meta = restored.state, dict(restored.meta)
     if not isinstance(state, dict) or "params" not in state:

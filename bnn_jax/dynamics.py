@@ -62,6 +62,7 @@ import optax
 
 from bnn_jax import layers
 from bnn_jax import optim
+from bnn_jax import paths
 from bnn_jax import train_step
 
 Array = jax.Array
@@ -80,10 +81,6 @@ SIGNS_FILE = "dynamics_signs.npz"
 _KERNEL_SUFFIX = "/kernel"
 
 
-def _path(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def binary_kernels(tree: Any) -> dict[str, Array]:
   """The binary kernels of a parameter-shaped tree, keyed by '/'-joined path.
 
@@ -93,7 +90,7 @@ def binary_kernels(tree: Any) -> dict[str, Array]:
   Works on params, gradients, Adam's mu / nu and sign snapshots alike.
   """
   return {name: leaf for name, leaf in
-          ((_path(p), leaf) for p, leaf in
+          ((paths.tree_path(p), leaf) for p, leaf in
            jax.tree_util.tree_flatten_with_path(tree)[0])
           if re.fullmatch(optim.BINARY_KERNEL_REGEX, name)}
 

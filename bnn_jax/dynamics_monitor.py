@@ -24,6 +24,8 @@ from clu import metric_writers
 from etils import epath
 
 from bnn_jax import dynamics
+from bnn_jax import multihost
+from bnn_jax import paths
 
 SIGNS_FILE = dynamics.SIGNS_FILE
 
@@ -44,9 +46,7 @@ def _write_signs(path: epath.Path, init: Mapping[str, Any],
   arrays.update({f"start/{k}": np.asarray(v) for k, v in start.items()})
   buf = io.BytesIO()
   np.savez_compressed(buf, **arrays)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buf.getvalue())
-  tmp.rename(path)
+  paths.write_bytes_atomic(path, buf.getvalue())
 
 
 def _matches(signs: Mapping[str, np.ndarray],
@@ -120,9 +120,9 @@ class DynamicsMonitor:
     else:
       start = current
       if step:
-        print(f"[{phase_name}] dynamics: no {SIGNS_FILE} from the phase "
-              f"start; C2I references are the signs at step {step}",
-              flush=True)
+        print(f"{multihost.prefix()}[{phase_name}] dynamics: no "
+              f"{SIGNS_FILE} from the phase start; C2I references are the "
+              f"signs at step {step}", flush=True)
       init = _inherited_init(config, phase_name, phase_index, workdir,
                              current) or current
       if jax.process_index() == 0:
@@ -170,6 +170,7 @@ def _inherited_init(config: ml_collections.ConfigDict, phase_name: str,
     init = _read_signs(path)["init"]
     if _matches(init, current):
       return init
-  print(f"[{phase_name}] dynamics: {path} missing or not matching; C2I "
-        "against the initialisation uses the phase start instead", flush=True)
+  print(f"{multihost.prefix()}[{phase_name}] dynamics: {path} missing or not "
+        "matching; C2I against the initialisation uses the phase start "
+        "instead", flush=True)
   return None

@@ -112,6 +112,7 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from bnn_jax import input_pipeline
+  from bnn_jax import paths
   from bnn_jax import train
   from bnn_jax import train_step
 
@@ -128,7 +129,7 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   result = train_step.evaluate(
       eval_step, jax.device_put(loaded["variables"], replicated), batches)
   return {"phase": loaded["phase"], "model": loaded["model_cfg"]["name"],
-          "checkpoint": os.path.abspath(checkpoint),
+          "checkpoint": str(paths.resolve(checkpoint, "--checkpoint")),
           "dataset": config.dataset.name,
           "split": config.dataset.eval_split,
           "top1": result["eval/top1"], "top5": result["eval/top5"],

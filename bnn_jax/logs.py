@@ -8,26 +8,40 @@ run per phase) and appends records to `<workdir>/metrics.jsonl`:
 A resumed run appends again from its checkpoint, so a (phase, step) pair can
 appear twice after a preemption; readers keep the last record of each pair.
 Only process 0 writes.
+
+A `gs://` workdir: TensorFlow's event writer and appends to a file do not go
+through `etils.epath`, so both are written to a local staging directory and
+copied to the workdir (whole files, through epath) at every `flush()` and at
+`close()`; the training loop flushes at every checkpoint and evaluation. A
+run killed between two flushes loses at most the records since the last
+one, which the resumed run writes again.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import pathlib
+import shutil
+import tempfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
+from etils import epath
+
+from bnn_jax import paths
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class JsonlWriter(interface.MetricWriter):
   """Appends scalar records {"phase", "step", name: value, ...} to a file."""
 
-  def __init__(self, path: str, phase: str):
-    self._path = path
+  def __init__(self, path: paths.PathLike, phase: str):
+    self._path = epath.Path(path)
     self._phase = phase
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -35,7 +49,7 @@ class JsonlWriter(interface.MetricWriter):
     for name, value in scalars.items():
       value = float(np.asarray(value))
       record[name] = value if math.isfinite(value) else str(value)
-    with open(self._path, "a") as f:
+    with self._path.open("a") as f:
       f.write(json.dumps(record) + "\n")
 
   def write_summaries(self, step, values, metadata=None):
@@ -66,11 +80,65 @@ class JsonlWriter(interface.MetricWriter):
     pass
 
 
-def create_writer(workdir: str, phase: str) -> metric_writers.MetricWriter:
-  """TensorBoard (in <workdir>/<phase>) + metrics.jsonl + absl logging."""
+class StagedWriter(metric_writers.MultiWriter):
+  """Writes to a local staging directory, copies changed files to `target`.
+
+  `flush()` and `close()` copy every staged file whose size changed since the
+  last copy to the same relative path under `target` (any epath location);
+  `close()` then deletes the staging directory.
+  """
+
+  def __init__(self, writers, staging: pathlib.Path, target: epath.Path,
+               copied: Mapping[str, int] = ()):
+    """`copied`: {relative path: size} of staged files already in `target`."""
+    super().__init__(writers)
+    self._staging = staging
+    self._target = target
+    self._copied = dict(copied)
+
+  def flush(self) -> None:
+    super().flush()
+    # The staging directory is local by construction (pathlib, not epath).
+    for local in sorted(p for p in self._staging.rglob("*") if p.is_file()):
+      relative = local.relative_to(self._staging).as_posix()
+      size = local.stat().st_size
+      if self._copied.get(relative) == size:
+        continue
+      remote = self._target / relative
+      remote.parent.mkdir(parents=True, exist_ok=True)
+      remote.write_bytes(local.read_bytes())
+      self._copied[relative] = size
+
+  def close(self) -> None:
+    self.flush()
+    super().close()
+    shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def create_writer(workdir: paths.PathLike,
+                  phase: str) -> metric_writers.MetricWriter:
+  """TensorBoard (in <workdir>/<phase>) + metrics.jsonl + absl logging.
+
+  Processes other than 0 get a writer that only logs (absl). A `gs://`
+  workdir gets a `StagedWriter` (see the module docstring).
+  """
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(just_logging=True)
+  workdir = paths.resolve(workdir)
+  if paths.is_local(workdir):
+    tensorboard = metric_writers.create_default_writer(
+        str(workdir / phase), asynchronous=False)
+    return metric_writers.MultiWriter(
+        [tensorboard, JsonlWriter(workdir / METRICS_FILE, phase)])
+  staging = pathlib.Path(tempfile.mkdtemp(prefix="bnn_jax_logs_"))
+  copied = {}
+  remote_metrics = workdir / METRICS_FILE
+  if remote_metrics.exists():  # Appended to here, then copied back whole.
+    content = remote_metrics.read_bytes()
+    (staging / METRICS_FILE).write_bytes(content)
+    copied[METRICS_FILE] = len(content)
   tensorboard = metric_writers.create_default_writer(
-      os.path.join(workdir, phase), asynchronous=False)
-  return metric_writers.MultiWriter(
-      [tensorboard, JsonlWriter(os.path.join(workdir, "metrics.jsonl"), phase)])
+      str(staging / phase), asynchronous=False)
+  return StagedWriter(
+      [tensorboard, JsonlWriter(staging / METRICS_FILE, phase)],
+      staging, workdir, copied=copied)

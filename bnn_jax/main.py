@@ -9,6 +9,10 @@ command; `--distributed` and `--coordinator_address/--num_processes/
 --process_id` start JAX's multi-process runtime (`bnn_jax.multihost`,
 launchers in launch/, docs/scaling.md).
 
+Only process 0 prints progress and results; the others print warnings and
+errors only, prefixed with `[process i]`. `--workdir` may be a local
+directory or `gs://bucket/dir` (`bnn_jax.paths`).
+
 Exit status: 0 done; 1 bad input or a failed run (one-line error, `--debug`
 shows the traceback); 143 stopped on SIGTERM/preemption after saving a
 checkpoint (re-run the same command to resume).
@@ -67,18 +71,20 @@ def _run(argv) -> int:
   del argv
   if FLAGS.config is None or FLAGS.workdir is None:
     raise ValueError("pass --config=configs/<name>.py and --workdir=<dir>")
+  from bnn_jax import paths
+  workdir = paths.resolve(FLAGS.workdir)  # Refuses an unusable scheme.
   # Before JAX's backend starts its threads (config.cpu_malloc).
   applied = malloc_defaults.apply(FLAGS.config.cpu_malloc)
-  if applied:
-    print(f"cpu_malloc=reuse: {', '.join(applied)}", flush=True)
   import jax  # noqa: F401  (after flags: lets XLA_FLAGS set by launchers apply)
 
   from bnn_jax import multihost
   # Before anything touches a device.
   started = multihost.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                                  FLAGS.num_processes, FLAGS.process_id)
-  if started:
+  if started:  # Every process: the line that shows it joined.
     print(f"distributed: {started}", flush=True)
+  if applied:
+    multihost.report(f"cpu_malloc=reuse: {', '.join(applied)}")
 
   logging.set_verbosity(logging.WARNING)
   if FLAGS.dry_run:
@@ -89,11 +95,12 @@ def _run(argv) -> int:
   from bnn_jax import train
 
   try:
-    phases.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    phases.run(FLAGS.config, workdir, overwrite=FLAGS.overwrite)
   except train.Preempted as e:
-    print(f"stopped: {e}", file=sys.stderr, flush=True)
+    if multihost.process_index() == 0:
+      print(f"stopped: {e}", file=sys.stderr, flush=True)
     return EXIT_PREEMPTED
-  print(f"results: {os.path.join(FLAGS.workdir, phases.RESULTS_FILE)}")
+  multihost.report(f"results: {workdir / phases.RESULTS_FILE}")
   return 0
 
 
@@ -108,7 +115,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  from bnn_jax import multihost  # pylint: disable=g-import-not-at-top
+  print(f"{multihost.prefix()}error: {message}", file=sys.stderr, flush=True)
   sys.exit(1)
 
 

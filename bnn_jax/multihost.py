@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
+import numpy as np
+
 MODES = ("auto", "on", "off")
 
 
@@ -123,3 +125,54 @@ def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
   return (f"process {jax.process_index()} of {jax.process_count()} "
           f"(from {how}), {jax.local_device_count()} of "
           f"{jax.device_count()} devices local")
+
+
+# ---------------------------------------------------------------------------
+# One voice, shared files, agreement: helpers for code that runs on every
+# process.
+# ---------------------------------------------------------------------------
+def process_index() -> int:
+  """This process's index; 0 before (or without) `jax.distributed`."""
+  import sys  # pylint: disable=g-import-not-at-top
+  jax = sys.modules.get("jax")
+  if jax is None or not jax.distributed.is_initialized():
+    return 0
+  return jax.process_index()
+
+
+def report(message: str) -> None:
+  """Prints progress or a result on process 0 only (one voice per run)."""
+  if process_index() == 0:
+    print(message, flush=True)
+
+
+def prefix() -> str:
+  """'' on process 0, '[process i] ' elsewhere: for warnings and errors."""
+  index = process_index()
+  return f"[process {index}] " if index else ""
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op alone).
+
+  Used after process 0 writes a file the others read next (config.json,
+  a renamed workdir).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on at least one.
+
+  A collective: every process must call it at the same point of the
+  program. Alone, returns `flag` without touching a device.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return bool(flag)
+  flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+  return bool(np.max(flags))

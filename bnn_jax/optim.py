@@ -87,6 +87,8 @@ import ml_collections
 from ml_collections import config_dict
 import optax
 
+from bnn_jax import paths
+
 # The built-in chains; `register` adds more, and any dotted optax path works.
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "bop")
 OPTAX_PREFIX = "optax."
@@ -350,13 +352,13 @@ def _label_tree(tree: Any, label: Callable[[str, Any], Any],
       tree, is_leaf=_is_masked_node)
   return treedef.unflatten([
       masked_value if _is_masked_node(leaf) else
-      label(jax.tree_util.keystr(path, simple=True, separator="/"), leaf)
+      label(paths.tree_path(path), leaf)
       for path, leaf in flat])
 
 
 def _param_names(tree: Any) -> list[str]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked_node)
-  return [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in flat]
+  return [paths.tree_path(p) for p, _ in flat]
 
 
 def _regex_mask(tree: Any, regexes: Sequence[str]) -> Any:

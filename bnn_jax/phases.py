@@ -18,12 +18,16 @@ restored from their final checkpoint (not retrained), an interrupted one
 resumes from its latest checkpoint. `<workdir>/results.json` holds
 `{phase: {top1, top5, best_top1, steps, seconds, params_sha256}}` in phase
 order, rewritten atomically after each phase.
+
+The workdir may be local or `gs://` (`bnn_jax.paths`). With several
+processes, process 0 alone writes the shared files (config.json,
+results.json) and moves an old run aside; the others wait at a barrier
+where they read what it wrote.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Optional
 
@@ -35,8 +39,10 @@ from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import input_pipeline
 from bnn_jax import losses
 from bnn_jax import malloc_defaults
+from bnn_jax import multihost
 from bnn_jax import optim
 from bnn_jax import topology
+from bnn_jax import paths
 from bnn_jax import train
 
 RESULTS_FILE = "results.json"
@@ -116,7 +122,7 @@ def validate(config: ml_collections.ConfigDict,
                        f"first phase run; set --{where}.init_from=<checkpoint "
                        "dir>")
     if check_inputs and phase.init_from not in ("", "previous") and (
-        not os.path.isdir(phase.init_from)):
+        not paths.resolve(phase.init_from, f"--{where}.init_from").is_dir()):
       raise ValueError(f"{where}.init_from={phase.init_from!r} is not a "
                        "directory; pass a bnn_jax checkpoint directory")
     if phase.teacher and phase.teacher not in names[:index]:
@@ -154,49 +160,49 @@ def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def claim_workdir(config: ml_collections.ConfigDict, workdir: str,
+def claim_workdir(config: ml_collections.ConfigDict, workdir: paths.PathLike,
                   overwrite: bool = False) -> None:
   """Makes `workdir` this config's: refuses one that holds another config's run.
 
   With `overwrite`, the other run is moved aside to
-  `<workdir>.replaced-<time>` (never deleted).
+  `<workdir>.replaced-<time>` (never deleted). Every process reads
+  config.json and reaches the same decision; process 0 alone moves the old
+  run and writes the new config.json, then all meet at a barrier.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  workdir = paths.resolve(workdir)
+  path = workdir / CONFIG_FILE
   current = json.loads(config.to_json_best_effort(sort_keys=True))
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    differences = _config_differences(saved, current)
+  differences = []
+  if path.exists():
+    differences = _config_differences(json.loads(path.read_text()), current)
+  if differences and not overwrite:
+    shown = ", ".join(differences[:6]) + (
+        f", ... ({len(differences)} in all)" if len(differences) > 6 else "")
+    raise ValueError(
+        f"{workdir} holds a run of a different config (differs in: "
+        f"{shown}); use a new --workdir, or pass --overwrite to move the "
+        "old run aside")
+  multihost.barrier("bnn_jax: config.json read")
+  if multihost.process_index() == 0:
     if differences:
-      if not overwrite:
-        shown = ", ".join(differences[:6]) + (
-            f", ... ({len(differences)} in all)" if len(differences) > 6 else "")
-        raise ValueError(
-            f"{workdir} holds a run of a different config (differs in: "
-            f"{shown}); use a new --workdir, or pass --overwrite to move the "
-            "old run aside")
-      aside = f"{workdir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-      os.rename(workdir, aside)
-      print(f"moved the previous run in {workdir} to {aside}", flush=True)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+      aside = workdir.parent / (
+          f"{workdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+      workdir.rename(aside)
+      multihost.report(f"moved the previous run in {workdir} to {aside}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths.write_text_atomic(path, json.dumps(current, indent=2,
+                                             sort_keys=True))
+  multihost.barrier("bnn_jax: workdir claimed")
 
 
-def _write_results(workdir: str, results: dict) -> None:
-  if jax.process_index() != 0:  # One writer: processes share the workdir.
+def _write_results(workdir: paths.PathLike, results: dict) -> None:
+  if multihost.process_index() != 0:  # One writer: the workdir is shared.
     return
-  path = os.path.join(workdir, RESULTS_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(tmp, path)
+  paths.write_text_atomic(paths.resolve(workdir) / RESULTS_FILE,
+                          json.dumps(results, indent=2))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
+def run(config: ml_collections.ConfigDict, workdir: paths.PathLike,
         mesh: Optional[train.Mesh] = None, overwrite: bool = False) -> dict:
   """Runs (or continues) every phase of `config.phase_order`; returns results.
 
@@ -204,6 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   the same config (see `claim_workdir`).
   """
   names = phase_names(config)
+  workdir = paths.resolve(workdir)  # A scheme that cannot work fails here.
   validate(config)
   claim_workdir(config, workdir, overwrite=overwrite)
   finished: dict[str, train.PhaseResult] = {}
@@ -231,8 +238,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     finished[name] = previous = result
     results[name] = result.summary()
     _write_results(workdir, results)
-    print(f"[{name}] done: top1 {result.top1:.4f} (best {result.best_top1:.4f})"
-          f" top5 {result.top5:.4f}, {result.steps} steps, "
-          f"{result.seconds:.1f} s, params sha256 {result.params_sha256[:12]}",
-          flush=True)
+    multihost.report(
+        f"[{name}] done: top1 {result.top1:.4f} (best {result.best_top1:.4f})"
+        f" top5 {result.top5:.4f}, {result.steps} steps, "
+        f"{result.seconds:.1f} s, params sha256 {result.params_sha256[:12]}")
   return results

@@ -13,10 +13,20 @@ global batch, or per group with `config.model.bn_group_size`). Losses and
 metrics are means over the global batch, so results do not depend on the
 device count.
 
-Determinism: the data order is a function of (seed, step) (see
+Determinism: the initialisation and the data order are functions of
+(config.seed, the phase's name, step) (see `phase_seeds` and
 `input_pipeline.train_iterator`), the model has no other randomness, and a
 checkpoint holds the whole state, so a run resumed from a checkpoint ends
-with bitwise the same parameters as an uninterrupted one (on CPU).
+with bitwise the same parameters as an uninterrupted one (on CPU), and a
+phase run alone starts as it does within the whole run.
+
+Preemption: SIGTERM on any process, or the platform's preemption notice
+(orbax), stops every process at the same step, after the same checkpoint
+(see `StopAgreement`).
+
+`train_phase` reads top to bottom: set-up; restore or initialise; the step
+loop with its sections (metrics and the NaN check; evaluation; checkpoint
+and preemption); the final evaluation.
 """
 
 from __future__ import annotations
@@ -24,10 +34,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import signal
 import time
-from typing import Any, Optional
+import zlib
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -43,8 +53,15 @@ from bnn_jax import dynamics
 from bnn_jax import input_pipeline
 from bnn_jax import logs
 from bnn_jax import models
+from bnn_jax import multihost
 from bnn_jax import optim
+from bnn_jax import paths
 from bnn_jax import train_step
+
+# With several processes, how often (in steps) they agree on whether to stop
+# after a SIGTERM: one all-gather of one int per process (see StopAgreement
+# and docs/scaling.md for its cost).
+STOP_CHECK_EVERY_STEPS = 10
 
 
 class TrainingError(RuntimeError):
@@ -120,15 +137,11 @@ def params_sha256(params: Any) -> str:
   return h.hexdigest()
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def check_variables_match(expected: Any, given: Any, what: str) -> None:
   """Raises ValueError listing missing, unexpected and mis-shaped variables."""
-  exp = {_path_str(p): tuple(v.shape) for p, v in
+  exp = {paths.tree_path(p): tuple(v.shape) for p, v in
          jax.tree_util.tree_flatten_with_path(expected)[0]}
-  got = {_path_str(p): tuple(np.shape(v)) for p, v in
+  got = {paths.tree_path(p): tuple(np.shape(v)) for p, v in
          jax.tree_util.tree_flatten_with_path(given)[0]}
   missing = sorted(set(exp) - set(got))
   extra = sorted(set(got) - set(exp))
@@ -145,27 +158,18 @@ def check_variables_match(expected: Any, given: Any, what: str) -> None:
     raise ValueError(f"{what} does not match the model: " + "; ".join(problems))
 
 
-class _StopSignal:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+def phase_seeds(seed: int, phase_name: str) -> tuple[jax.Array, int]:
+  """(init rng, data seed) of phase `phase_name` in a run seeded with `seed`.
 
-  def __init__(self):
-    self.received = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.received = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+  Both come from the phase's *name*, never its position in `phase_order`:
+    init rng  = fold_in(key(seed), crc32(name))
+    data seed = crc32(f"{seed}/{name}")
+  so a phase run alone, or after `phase_order` changed on resume, gets the
+  same initialisation and data order as in the whole run.
+  """
+  name_hash = zlib.crc32(phase_name.encode("utf-8"))
+  data_seed = zlib.crc32(f"{seed}/{phase_name}".encode("utf-8"))
+  return jax.random.fold_in(jax.random.key(seed), name_hash), data_seed
 
 
 def _format_seconds(s: float) -> str:
@@ -175,10 +179,189 @@ def _format_seconds(s: float) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Restore or initialise.
+# ---------------------------------------------------------------------------
+def _init_state(model: nn.Module, tx, rng: jax.Array,
+                image_shape: tuple[int, ...]) -> train_step.TrainState:
+  """A fresh state: `model.init` at `rng`, step 0, the optimizer's init."""
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  variables = model.init(rng, dummy, train=False)
+  return _state_from_variables(tx, variables)
+
+
+def _state_from_variables(tx, variables: dict) -> train_step.TrainState:
+  """Step 0 from given {'params', 'batch_stats'} (hand-off, `init_from`)."""
+  return train_step.TrainState(step=jnp.zeros((), jnp.int32),
+                               params=variables["params"],
+                               batch_stats=variables.get("batch_stats", {}),
+                               opt_state=tx.init(variables["params"]))
+
+
+def _restore_or_initialise(
+    ckpt: checkpoint_lib.Checkpointer, *, model: nn.Module, tx,
+    rng: jax.Array, image_shape: tuple[int, ...],
+    init_variables: Optional[dict], replicated: NamedSharding,
+    phase_name: str) -> tuple[train_step.TrainState, Any, dict]:
+  """(state, state shardings, saved meta or {}) at the phase's start.
+
+  The phase's own latest checkpoint wins; else `init_variables` (checked
+  against the model); else a fresh initialisation at `rng`.
+  """
+  abstract = jax.eval_shape(lambda r: _init_state(model, tx, r, image_shape),
+                            rng)
+  shardings = jax.tree.map(lambda _: replicated, abstract)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, shardings)
+    state, meta = ckpt.restore(latest, target)
+    logging.info("phase %s: resumed from step %d", phase_name, latest)
+    return state, shardings, meta
+  if init_variables is not None:
+    check_variables_match(abstract.variables, init_variables,
+                          f"the variables handed to phase {phase_name!r}")
+    state = jax.jit(lambda v: _state_from_variables(tx, v),
+                    out_shardings=shardings)(
+                        jax.tree.map(jnp.asarray, init_variables))
+    return state, shardings, {}
+  state = jax.jit(lambda r: _init_state(model, tx, r, image_shape),
+                  out_shardings=shardings)(rng)
+  return state, shardings, {}
+
+
+# ---------------------------------------------------------------------------
+# Metrics and the NaN check.
+# ---------------------------------------------------------------------------
+class MetricLog:
+  """The train metrics of the steps since the last flush.
+
+  `add` keeps each step's (device) metrics without waiting for them;
+  `flush` fetches them, raises `TrainingError` if a step's loss or
+  gradients were not finite, writes their means (lr: the last step's) and
+  prints a progress line on process 0.
+  """
+
+  def __init__(self, writer, *, phase_name: str, total_steps: int,
+               steps_per_epoch: int, num_epochs: int, start_step: int,
+               checkpoint_dir: Any):
+    self._writer = writer
+    self._phase_name = phase_name
+    self._total_steps = total_steps
+    self._steps_per_epoch = steps_per_epoch
+    self._num_epochs = num_epochs
+    self._start_step = start_step
+    self._start_time = time.time()
+    self._checkpoint_dir = checkpoint_dir
+    self._pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, metrics))
+
+  def flush(self) -> None:
+    if not self._pending:
+      return
+    steps = [s for s, _ in self._pending]
+    fetched = jax.device_get([m for _, m in self._pending])
+    self._pending = []
+    for s, m in zip(steps, fetched):
+      if not bool(m["finite"]):
+        raise TrainingError(
+            f"phase {self._phase_name!r}: loss or gradients became NaN/Inf at "
+            f"step {s}; the last good checkpoint in {self._checkpoint_dir} is "
+            "left intact (lower the learning rate or check the data)")
+    last_step = steps[-1]
+    means = {k: float(np.mean([m[k] for m in fetched]))
+             for k in fetched[0] if k != "finite"}
+    means["train/lr"] = float(fetched[-1]["train/lr"])
+    self._writer.write_scalars(last_step, means)
+    elapsed = time.time() - self._start_time
+    rate = (last_step - self._start_step) / max(elapsed, 1e-9)
+    eta = (self._total_steps - last_step) / max(rate, 1e-9)
+    multihost.report(
+        f"[{self._phase_name}] step {last_step}/{self._total_steps} "
+        f"epoch {math.ceil(last_step / self._steps_per_epoch)}/"
+        f"{self._num_epochs} loss {means['train/loss']:.4f} "
+        f"top1 {means['train/top1']:.3f} lr {means['train/lr']:.3g} | "
+        f"{rate:.1f} steps/s, ETA {_format_seconds(eta)}")
+
+
+# ---------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------
+def _evaluate(eval_step: Callable, variables: Any,
+              config: ml_collections.ConfigDict,
+              batch_sharding: NamedSharding) -> dict:
+  """Top-1, top-5, loss and count over the whole eval split."""
+  batches = input_pipeline.eval_iterator(
+      config.dataset, global_batch_size=config.eval_batch_size,
+      sharding=batch_sharding)
+  return train_step.evaluate(eval_step, variables, batches)
+
+
+def _with_eval(meta: dict, result: dict, writer, step: int) -> dict:
+  """`meta` with `result` as the last evaluation (best top-1 updated); logs it."""
+  writer.write_scalars(step, {k: v for k, v in result.items()
+                              if k != "eval/count"})
+  return {**meta, "last_eval": result,
+          "best_top1": max(meta["best_top1"], result["eval/top1"])}
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint and preemption.
+# ---------------------------------------------------------------------------
+class StopAgreement:
+  """Decides, identically on every process, at which step the run stops.
+
+  Inside `with StopAgreement(ckpt) as stop:`, SIGTERM sets a flag on the
+  process that receives it; `stop.agreed(step)`, called by every process
+  after every step, is True on all of them at the same step when
+
+  * some process received SIGTERM: the processes compare flags every
+    `every` steps (one all-gather of one int per process; every step, for
+    free, in a single-process run), or
+  * orbax reports the platform's preemption notice (`reached_preemption`,
+    itself agreed across processes).
+
+  A process acting on its own signal would enter the checkpoint's
+  collectives while the others enter the next step's: a hang.
+  """
+
+  def __init__(self, ckpt: checkpoint_lib.Checkpointer,
+               every: Optional[int] = None):
+    self._ckpt = ckpt
+    self._every = every or (1 if jax.process_count() == 1
+                            else STOP_CHECK_EVERY_STEPS)
+    self._received = False
+    self._previous = None
+
+  def __enter__(self) -> "StopAgreement":
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self._received = True
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self, step: int) -> bool:
+    platform = self._ckpt.reached_preemption(step)
+    if step % self._every:
+      return platform
+    return multihost.any_process(self._received) or platform
+
+
+# ---------------------------------------------------------------------------
 # One phase.
 # ---------------------------------------------------------------------------
 def train_phase(config: ml_collections.ConfigDict, phase_name: str,
-                phase_index: int, workdir: str, *,
+                phase_index: int, workdir: paths.PathLike, *,
                 init_variables: Optional[dict] = None,
                 teacher: Optional[tuple[nn.Module, dict]] = None,
                 mesh: Optional[Mesh] = None) -> PhaseResult:
@@ -186,76 +369,44 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
 
   Args:
     config: the whole run's config.
-    phase_name: key in `config.phases`.
-    phase_index: position in `config.phase_order` (folded into the seeds).
-    workdir: run directory; the phase writes `<workdir>/<phase_name>/`.
+    phase_name: key in `config.phases` (the seeds derive from it).
+    phase_index: position in `config.phase_order` (dynamics logging reads
+      the previous phase's files).
+    workdir: run directory (local or gs://); the phase writes
+      `<workdir>/<phase_name>/`.
     init_variables: {'params', 'batch_stats'} to start from (hand-off or
       `init_from`); must match the model exactly. None = fresh init.
     teacher: (model, variables) of a frozen teacher for distillation.
     mesh: device mesh (default: all devices on a `data` axis).
   """
+  # --- Set-up: mesh, step counts, model, optimizer. ---
   phase_cfg = config.phases[phase_name]
   mesh = make_mesh() if mesh is None else mesh
-  phase_dir = os.path.join(workdir, phase_name)
-  os.makedirs(phase_dir, exist_ok=True)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-
-  # --- Data and step counts. ---
   info = input_pipeline.get_info(config.dataset)
   steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size)
   num_epochs = phase_cfg.num_epochs
   total_steps = steps_per_epoch * num_epochs
-
-  # --- Model, optimizer (built once, outside any jit) and state. ---
   model = build_model(config, phase_cfg.model, info.num_classes)
   tx = optim.build_optimizer(phase_cfg.optimizer,
                              steps_per_epoch=steps_per_epoch,
                              num_epochs=max(num_epochs, 1))
-  rng = jax.random.fold_in(jax.random.key(config.seed), phase_index)
-  dummy = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
+  init_rng, data_seed = phase_seeds(config.seed, phase_name)
 
-  def init_state(rng):
-    variables = model.init(rng, dummy, train=False)
-    params = variables["params"]
-    return train_step.TrainState(step=jnp.zeros((), jnp.int32),
-                                 params=params,
-                                 batch_stats=variables.get("batch_stats", {}),
-                                 opt_state=tx.init(params))
-
-  abstract_state = jax.eval_shape(init_state, rng)
-  state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
-  if init_variables is not None:
-    check_variables_match(abstract_state.variables, init_variables,
-                          f"the variables handed to phase {phase_name!r}")
-
-    def init_from_variables(variables):
-      return train_step.TrainState(step=jnp.zeros((), jnp.int32),
-                                   params=variables["params"],
-                                   batch_stats=variables["batch_stats"],
-                                   opt_state=tx.init(variables["params"]))
-
-    state = jax.jit(init_from_variables, out_shardings=state_shardings)(
-        jax.tree.map(jnp.asarray, init_variables))
-  else:
-    state = jax.jit(init_state, out_shardings=state_shardings)(rng)
-
-  # --- Resume from the phase's own checkpoint, if any. ---
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
-                                     max_to_keep=config.keep_checkpoints)
+  # --- Restore or initialise. ---
+  ckpt = checkpoint_lib.Checkpointer(
+      paths.resolve(workdir) / phase_name / "checkpoints",
+      max_to_keep=config.keep_checkpoints)
+  state, state_shardings, saved_meta = _restore_or_initialise(
+      ckpt, model=model, tx=tx, rng=init_rng, image_shape=info.image_shape,
+      init_variables=init_variables, replicated=replicated,
+      phase_name=phase_name)
   meta = {"phase": phase_name, "best_top1": 0.0, "last_eval": None,
-          "seconds": 0.0, "model": phase_cfg.model.to_dict()}
-  latest = ckpt.latest_step()
-  if latest is not None:
-    abstract_with_shardings = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state, state_shardings)
-    state, saved_meta = ckpt.restore(latest, abstract_with_shardings)
-    meta.update(saved_meta)
-    logging.info("phase %s: resumed from step %d", phase_name, latest)
+          "seconds": 0.0, "model": phase_cfg.model.to_dict(), **saved_meta}
   step = int(jax.device_get(state.step))
 
-  # --- Teacher and jitted steps. ---
+  # --- Teacher, jitted steps, writers. ---
   teacher_model, teacher_vars = (None, {}) if teacher is None else teacher
   teacher_vars = jax.device_put(teacher_vars, replicated)
   step_fn = jax.jit(
@@ -270,13 +421,6 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
   eval_step = jax.jit(train_step.make_eval_step(model),
                       in_shardings=(replicated, batch_sharding),
                       out_shardings=replicated)
-
-  def run_eval(state) -> dict:
-    batches = input_pipeline.eval_iterator(
-        config.dataset, global_batch_size=config.eval_batch_size,
-        sharding=batch_sharding)
-    return train_step.evaluate(eval_step, state.variables, batches)
-
   writer = logs.create_writer(workdir, phase_name)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer,
@@ -287,89 +431,67 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
       config, phase_name, phase_index, workdir, model=model,
       teacher_model=teacher_model, state=state, step=step,
       replicated=replicated, writer=writer)
-
-  def save(state, step):
-    ckpt.save(step, state, meta)
-
-  # --- The loop. ---
-  data_seed = config.seed * 1000 + phase_index
+  metric_log = MetricLog(writer, phase_name=phase_name,
+                         total_steps=total_steps,
+                         steps_per_epoch=steps_per_epoch,
+                         num_epochs=num_epochs, start_step=step,
+                         checkpoint_dir=ckpt.directory)
   train_iter = input_pipeline.train_iterator(
       config.dataset, global_batch_size=config.batch_size, seed=data_seed,
       start_step=step, sharding=batch_sharding) if step < total_steps else None
-  pending: list[tuple[int, dict]] = []
-  t_start, step_start = time.time(), step
-  seconds_before = float(meta["seconds"])
+  t_start, seconds_before = time.time(), float(meta["seconds"])
 
-  def flush_metrics():
-    """Checks the steps run since the last flush for NaN/Inf; logs their mean."""
-    if not pending:
-      return
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
-      if not bool(m["finite"]):
-        raise TrainingError(
-            f"phase {phase_name!r}: loss or gradients became NaN/Inf at step "
-            f"{s}; the last good checkpoint in {ckpt.directory} is left intact "
-            "(lower the learning rate or check the data)")
-    last_step = pending[-1][0]
-    means = {k: float(np.mean([m[k] for m in fetched]))
-             for k in fetched[0] if k != "finite"}
-    means["train/lr"] = float(fetched[-1]["train/lr"])
-    writer.write_scalars(last_step, means)
-    pending.clear()
-    elapsed = time.time() - t_start
-    rate = (last_step - step_start) / max(elapsed, 1e-9)
-    eta = (total_steps - last_step) / max(rate, 1e-9)
-    print(f"[{phase_name}] step {last_step}/{total_steps} "
-          f"epoch {math.ceil(last_step / steps_per_epoch)}/{num_epochs} "
-          f"loss {means['train/loss']:.4f} top1 {means['train/top1']:.3f} "
-          f"lr {means['train/lr']:.3g} | {rate:.1f} steps/s, "
-          f"ETA {_format_seconds(eta)}", flush=True)
+  # --- The step loop. ---
+  try:
+    with StopAgreement(ckpt) as stop:
+      while step < total_steps:
+        batch = next(train_iter)
+        state, metrics = step_fn(state, batch, teacher_vars)
+        step += 1
+        metric_log.add(step, metrics)
+        report_progress(step)
+        if dynamics_monitor is not None:
+          dynamics_monitor.after_step(step, state, batch, teacher_vars)
+        epoch = step // steps_per_epoch
+        end_of_epoch = step % steps_per_epoch == 0
 
-  with _StopSignal() as stop:
-    while step < total_steps:
-      batch = next(train_iter)
-      state, metrics = step_fn(state, batch, teacher_vars)
-      step += 1
-      pending.append((step, metrics))
-      report_progress(step)
-      if dynamics_monitor is not None:  # --- dynamics hook ---
-        dynamics_monitor.after_step(step, state, batch, teacher_vars)
-      end_of_epoch = step % steps_per_epoch == 0
-      epoch = step // steps_per_epoch
-      if step % config.log_every_steps == 0 or end_of_epoch:
-        flush_metrics()
-      if end_of_epoch and (epoch % config.eval_every_epochs == 0
-                           or step == total_steps):
-        result = run_eval(state)
-        meta["last_eval"] = result
-        meta["best_top1"] = max(meta["best_top1"], result["eval/top1"])
-        writer.write_scalars(step, {k: v for k, v in result.items()
-                                    if k != "eval/count"})
-        print(f"[{phase_name}] epoch {epoch}/{num_epochs} eval top1 "
-              f"{result['eval/top1']:.4f} top5 {result['eval/top5']:.4f} "
-              f"(best {meta['best_top1']:.4f})", flush=True)
-      preempted = stop.received or ckpt.reached_preemption(step)
-      if (step % config.checkpoint_every_steps == 0 or step == total_steps
-          or preempted):
-        flush_metrics()  # never checkpoint a NaN state
-        meta["seconds"] = seconds_before + time.time() - t_start
-        save(state, step)
-      if preempted:
-        writer.flush()
-        raise Preempted(
-            f"phase {phase_name!r} stopped at step {step}/{total_steps} on "
-            f"request; checkpoint saved in {ckpt.directory}; re-run the same "
-            "command to resume")
+        # --- Metrics and the NaN check. ---
+        if step % config.log_every_steps == 0 or end_of_epoch:
+          metric_log.flush()
 
-  # --- Final evaluation (also for 0-epoch phases that only load weights). ---
-  if meta["last_eval"] is None:
-    meta["last_eval"] = run_eval(state)
-    meta["best_top1"] = max(meta["best_top1"], meta["last_eval"]["eval/top1"])
-    writer.write_scalars(step, {k: v for k, v in meta["last_eval"].items()
-                                if k != "eval/count"})
-  writer.flush()
-  ckpt.close()
+        # --- Evaluation. ---
+        if end_of_epoch and (epoch % config.eval_every_epochs == 0
+                             or step == total_steps):
+          meta = _with_eval(meta, _evaluate(eval_step, state.variables,
+                                            config, batch_sharding),
+                            writer, step)
+          multihost.report(
+              f"[{phase_name}] epoch {epoch}/{num_epochs} eval top1 "
+              f"{meta['last_eval']['eval/top1']:.4f} top5 "
+              f"{meta['last_eval']['eval/top5']:.4f} "
+              f"(best {meta['best_top1']:.4f})")
+
+        # --- Checkpoint and preemption. ---
+        stopping = stop.agreed(step)
+        if (step % config.checkpoint_every_steps == 0 or step == total_steps
+            or stopping):
+          metric_log.flush()  # Never checkpoint a NaN state.
+          meta["seconds"] = seconds_before + time.time() - t_start
+          ckpt.save(step, state, meta)
+          writer.flush()
+        if stopping:
+          raise Preempted(
+              f"phase {phase_name!r} stopped at step {step}/{total_steps} on "
+              f"request; checkpoint saved in {ckpt.directory}; re-run the "
+              "same command to resume")
+
+    # --- Final evaluation (also for 0-epoch phases that only load weights). ---
+    if meta["last_eval"] is None:
+      meta = _with_eval(meta, _evaluate(eval_step, state.variables, config,
+                                        batch_sharding), writer, step)
+  finally:
+    writer.close()
+    ckpt.close()
   variables = jax.device_get(state.variables)
   return PhaseResult(
       top1=meta["last_eval"]["eval/top1"], top5=meta["last_eval"]["eval/top5"],
