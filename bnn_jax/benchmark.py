@@ -13,7 +13,8 @@ random images and labels already on the device (one fixed batch, or with
 timed step):
 
 * step1: binary activations, real weights, Adam with coupled L2 decay 5e-6;
-  step2: binary activations and weights, Adam without decay (SPEC §3).
+  step2: binary activations and weights, Adam without decay
+  (docs/recipe.md#the-two-steps).
 * with `--teacher`: the teacher's eval-mode forward runs inside the step and
   the loss is KD only; without: cross-entropy.
 

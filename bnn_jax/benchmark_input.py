@@ -18,13 +18,13 @@ TFRecord files; `SyntheticImagenet`):
   set: ~110 KB, ~0.18 MP).
 * labels uniform over the 1000 classes.
 
-Train: the SPEC §3 recipe (fused decode + random-resized crop, resize to
-224, flip, normalise). The default shuffle buffer (512) is smaller than the
-split, so every epoch re-reads the TFRecord files in a new order with a
-window shuffle: ImageNet's path (per-host shards). The first `--warmup`
-batches (start-up, tf.data autotuning) are not timed; then `--batches`
-batches are. Eval: resize-256 + centre-crop 224 passes over the validation
-split, after one untimed pass.
+Train: the reference recipe (docs/recipe.md#data: fused decode + random-resized
+crop, resize to 224, flip, normalise). The default shuffle buffer (512) is
+smaller than the split, so every epoch re-reads the TFRecord files in a new
+order with a window shuffle: ImageNet's path (per-host shards). The first
+`--warmup` batches (start-up, tf.data autotuning) are not timed; then
+`--batches` batches are. Eval: resize-256 + centre-crop 224 passes over the
+validation split, after one untimed pass.
 
 `--cpus=N` pins the process to N of its CPUs before TensorFlow starts, so
 tf.data's thread pool (sized by the CPUs it may use) has N threads: run it

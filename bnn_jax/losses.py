@@ -1,4 +1,4 @@
-"""Losses and accuracy: the distribution (KD) loss of SPEC §3, cross-entropy.
+"""Losses and accuracy: the distribution (KD) loss of AdamBNN, cross-entropy.
 
 AdamBNN (and ReActNet) train the binary student with knowledge distillation
 only: the "distributional loss" of ReActNet, the cross-entropy from a frozen
@@ -114,7 +114,10 @@ def accuracy(logits: Array, labels: Array, k: int = 1,
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
-  """The reference loss (SPEC §3): KD only, temperature 1, no label term."""
+  """The reference loss: KD only, temperature 1, no label term.
+
+  See docs/recipe.md#loss-and-teacher.
+  """
   return ml_collections.ConfigDict(dict(
       kd_weight=1.0,
       ce_weight=0.0,

@@ -1,6 +1,7 @@
 """Preprocessing: per-example and per-batch image ops and the data sets' recipes.
 
-Data sets (`dataset_cfg.name`) and their preprocessing (SPEC §3). Every image
+Data sets (`dataset_cfg.name`) and their preprocessing
+(docs/recipe.md#data). Every image
 ends as float32 [H, W, C] = (pixel / 255 - mean) / std, per channel.
 
 * `imagenet2012` (default size 224, eval split `validation`), per example:

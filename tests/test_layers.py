@@ -1,7 +1,8 @@
 """Layers against hand computation: BinaryConv, Shift, RSign, RPReLU, BatchNorm.
 
 Every expected value is computed here with numpy / plain lax ops from the
-formulas in SPEC §1-2, never by calling the layer under test a second way.
+formulas in docs/recipe.md (#architecture, #binarisation), never by
+calling the layer under test a second way.
 """
 
 import jax

@@ -1,4 +1,6 @@
-"""Models: exact sizes (SPEC §1), feature maps, step-1/2 hand-off, registry.
+"""Models: exact sizes, feature maps, step-1/2 hand-off, registry.
+
+The exact sizes are those of docs/recipe.md#exact-sizes.
 
 The 224x224 checks run under `jax.eval_shape` (shapes only, no compute); real
 forward passes use 8x8 or 32x32 inputs.

@@ -1,4 +1,7 @@
-"""Cost summary: exact SPEC §1 numbers, per-layer rows, the --json CLI."""
+"""Cost summary: exact numbers, per-layer rows, the --json CLI.
+
+The numbers are those of docs/recipe.md#exact-sizes.
+"""
 
 import json
 import math
@@ -12,7 +15,7 @@ from bnn_jax import models
 from bnn_jax import summary
 
 IMAGENET = (224, 224, 3)
-# ReActNet-A at 224x224, 1000 classes (SPEC §1).
+# ReActNet-A at 224x224, 1000 classes (docs/recipe.md#exact-sizes).
 REACTNET_A = {
     "params": 29_343_592,
     "binary_params": 28_253_184,

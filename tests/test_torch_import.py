@@ -1,6 +1,8 @@
-"""Importing reference PyTorch checkpoints (SPEC §4) and exporting them back.
+"""Importing reference PyTorch checkpoints and exporting them back.
 
-The state dicts are built here from SPEC §4 and the reference / torchvision
+The layout is that of docs/recipe.md#reference-pytorch-checkpoints.
+
+The state dicts are built here from that layout and the reference / torchvision
 module layouts (random values), never from the importer's own tables; the
 expected location of every tensor is spelled out by hand.
 """
@@ -40,7 +42,10 @@ def _w(rng, *shape):
 
 def reactnet_state_dict(num_classes, channels=REACTNET_A_CHANNELS,
                         in_channels=3, seed=0):
-  """The reference `reactnet` state dict (AdamBNN/ReActNet), SPEC §1, §4."""
+  """The reference `reactnet` state dict (AdamBNN/ReActNet).
+
+  See docs/recipe.md#architecture and #reference-pytorch-checkpoints.
+  """
   rng = np.random.default_rng(seed)
   sd = {"feature.0.conv1.weight": _w(rng, channels[0], in_channels, 3, 3)}
   _bn(sd, "feature.0.bn1", channels[0], rng)
@@ -208,13 +213,16 @@ def quarter_vars(quarter_sd):
 
 
 def test_reference_state_dict_has_298_keys():
-  """SPEC §4: 298 keys in all, num_batches_tracked included (1000 classes)."""
+  """298 keys in all, num_batches_tracked included (1000 classes).
+
+  See docs/recipe.md#reference-pytorch-checkpoints.
+  """
   sd = reactnet_state_dict(num_classes=1000)
   assert len(sd) == 298
   assert sum(k.endswith("num_batches_tracked") for k in sd) == 32
   assert sd["fc.weight"].shape == (1000, 1024)
   assert sum(v.size for k, v in sd.items() if "running" not in k
-             and "num_batches" not in k) == 29_343_592  # SPEC §1
+             and "num_batches" not in k) == 29_343_592  # exact-sizes
 
 
 def test_reactnet_every_value_in_its_place(reactnet_sd, reactnet_vars):

@@ -1,4 +1,6 @@
-"""Reference PyTorch state dicts <-> bnn_jax variables (SPEC §4).
+"""Reference PyTorch state dicts <-> bnn_jax variables.
+
+The checkpoint layout is in docs/recipe.md#reference-pytorch-checkpoints.
 
 Two layouts, chosen by the model's class:
 

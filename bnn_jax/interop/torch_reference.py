@@ -1,6 +1,7 @@
-"""ReActNet-A in PyTorch, as the AdamBNN reference computes it (SPEC §1-2).
+"""ReActNet-A in PyTorch, as the AdamBNN reference computes it.
 
-Written from SPEC §1-2 with the reference's module and parameter names, so
+Written from docs/recipe.md (#architecture, #binarisation) with the
+reference's module and parameter names, so
 its `state_dict()` has the reference checkpoints' keys. Two uses:
 
 * tests: imported variables must compute what these modules compute
@@ -77,7 +78,7 @@ class HardBinaryConv(nn.Module):
 
 
 class BasicBlock(nn.Module):
-  """One ReActNet-A block (SPEC §1), reference names."""
+  """One ReActNet-A block (docs/recipe.md#reactnet-a), reference names."""
 
   def __init__(self, inplanes: int, planes: int, stride: int):
     super().__init__()

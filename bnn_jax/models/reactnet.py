@@ -1,4 +1,6 @@
-"""ReActNet-A and ReActNet-18 (Liu et al., ECCV 2020), NHWC, as in SPEC §1.
+"""ReActNet-A and ReActNet-18 (Liu et al., ECCV 2020), NHWC.
+
+The architecture is in docs/recipe.md#architecture.
 
 ReActNet-A follows MobileNet-V1's layout with full 3x3 binary convs (not
 depthwise). One block, C_in -> C_out, stride s:
@@ -33,7 +35,7 @@ from bnn_jax.layers import reference_kernel_init
 # The name of the binary conv outputs that `remat_blocks` keeps.
 CONV_OUTPUT_NAME = "binary_conv_output"
 
-# Channels of the stem output and the 13 blocks (SPEC §1).
+# Channels of the stem output and the 13 blocks (docs/recipe.md#reactnet-a).
 REACTNET_A_CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512,
                        512, 1024, 1024)
 
