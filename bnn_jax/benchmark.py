@@ -42,6 +42,9 @@ keeps XLA:CPU's step buffers mapped between steps (`bnn_jax.malloc_defaults`;
 what it set is reported as `mallopt`); `--cpu_malloc=glibc` measures glibc's
 defaults (the digits configs' setting). `minor_page_faults_per_step` shows
 the difference.
+
+Exit status: 0 done; 1 bad input (one-line error; `--debug` shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 
+from bnn_jax import cli
 from bnn_jax import malloc_defaults
 from bnn_jax import xla_defaults
 
@@ -83,6 +87,7 @@ def define_flags() -> None:
                     "mapped between steps (bnn_jax.malloc_defaults), "
                     "'glibc' measures glibc's malloc defaults.")
   flags.DEFINE_bool("json", False, "Print the result as one JSON object.")
+  flags.DEFINE_bool("debug", False, "Show full tracebacks on errors.")
 
 
 # Dense peak FLOP/s by device kind substring: (bfloat16, float32). float32
@@ -262,13 +267,14 @@ def format_line(r: dict) -> str:
 
 def main(argv):
   del argv
-  # Before JAX's backend starts its threads.
-  malloc_defaults.apply(FLAGS.cpu_malloc)
-  result = run_benchmark(
-      FLAGS.model, FLAGS.batch, FLAGS.input_size, phase=FLAGS.phase,
-      dtype=FLAGS.dtype, teacher_name=FLAGS.teacher, steps=FLAGS.steps,
-      warmup=FLAGS.warmup, num_classes=FLAGS.num_classes,
-      input_channels=FLAGS.input_channels)
+  with cli.reporting_errors(debug=FLAGS.debug):
+    # Before JAX's backend starts its threads.
+    malloc_defaults.apply(FLAGS.cpu_malloc)
+    result = run_benchmark(
+        FLAGS.model, FLAGS.batch, FLAGS.input_size, phase=FLAGS.phase,
+        dtype=FLAGS.dtype, teacher_name=FLAGS.teacher, steps=FLAGS.steps,
+        warmup=FLAGS.warmup, num_classes=FLAGS.num_classes,
+        input_channels=FLAGS.input_channels)
   print(json.dumps(result) if FLAGS.json else format_line(result), flush=True)
   sys.exit(0)
 

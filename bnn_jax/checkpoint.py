@@ -113,6 +113,29 @@ def _local_target(state_dir: str) -> Any:
       metadata)
 
 
+def resolve_directory(path: str, phase: Optional[str] = None) -> str:
+  """The checkpoint directory that a command's `--checkpoint=path --phase=phase` names.
+
+  `path` is either a run's workdir, and then the result is its phase
+  directory `<path>/<phase>`, or already a checkpoint directory (a phase
+  directory, its `checkpoints/` child, an import_torch output), returned as
+  is. A workdir whose phase `phase` has no checkpoints is an error naming
+  the phases it does hold.
+  """
+  path = os.path.abspath(path)
+  if phase and os.path.isdir(os.path.join(path, phase, "checkpoints")):
+    return os.path.join(path, phase)
+  held = sorted(d for d in os.listdir(path)
+                if os.path.isdir(os.path.join(path, d, "checkpoints"))
+                ) if os.path.isdir(path) else []
+  if held:
+    raise CheckpointError(
+        f"{path} is a workdir holding the phases {held}"
+        + (f", not {phase!r}" if phase else "")
+        + f"; pass --phase=<one of them> or --checkpoint={path}/<phase>")
+  return path
+
+
 def load_variables(directory: str, step: Optional[int] = None
                    ) -> tuple[dict, dict]:
   """Reads ({'params', 'batch_stats'}, meta) from a checkpoint directory.

@@ -1,12 +1,13 @@
 """Evaluate a checkpoint over a whole evaluation split.
 
   python -m bnn_jax.evaluate --config=configs/digits.py \
-      --checkpoint=/tmp/bnn_digits/step2 [--phase=step2] [--json]
+      --checkpoint=/tmp/bnn_digits [--phase=step2] [--json]
 
 Builds the model of phase `--phase` of the config (default: the last phase
 of `config.phase_order`), restores `{'params', 'batch_stats'}` from
-`--checkpoint` (a phase directory, its `checkpoints/` directory, or the
-output of `bnn_jax.import_torch`; the latest step), checks that they match
+`--checkpoint` (a run's workdir, whose phase `--phase` is read; a phase
+directory such as /tmp/bnn_digits/step2, its `checkpoints/` directory, or
+the output of `bnn_jax.import_torch`; the latest step), checks that they match
 the model exactly (any missing, unexpected or mis-shaped variable is an
 error naming it) and evaluates it in eval mode (BatchNorm running
 statistics) over the config's eval split, every example exactly once (the
@@ -26,12 +27,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from bnn_jax import cli
 from bnn_jax import malloc_defaults
 from bnn_jax import xla_defaults
 
@@ -43,7 +44,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file(
       "config", None, "Path to a config file (configs/*.py).",
       lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Checkpoint directory to evaluate.")
+  flags.DEFINE_string("checkpoint", None, "Checkpoint to evaluate: a run's "
+                      "workdir (with --phase) or a checkpoint directory.")
   flags.DEFINE_string("phase", None, "Phase whose model to build; default: "
                       "the last of config.phase_order.")
   flags.DEFINE_bool("json", False, "Print the result as one JSON object.")
@@ -52,6 +54,9 @@ def define_flags() -> None:
 
 def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   """Evaluates `checkpoint` with phase `phase`'s model over the eval split.
+
+  `checkpoint` is a run's workdir (its phase `phase` is read) or a
+  checkpoint directory (`checkpoint.resolve_directory`).
 
   Returns:
     {'phase', 'model', 'checkpoint', 'dataset', 'split', 'top1', 'top5',
@@ -75,6 +80,7 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   info = input_pipeline.get_info(config.dataset)
   model_cfg = config.phases[phase].model
   model = train.build_model(config, model_cfg, info.num_classes)
+  checkpoint = checkpoint_lib.resolve_directory(checkpoint, phase)
   variables, _ = checkpoint_lib.load_variables(checkpoint)
   abstract = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False),
@@ -109,18 +115,13 @@ def format_line(r: dict) -> str:
 
 def main(argv):
   del argv
-  try:
+  cli.quiet_logging()
+  with cli.reporting_errors(debug=FLAGS.debug):
     if FLAGS.config is None or FLAGS.checkpoint is None:
       raise ValueError("pass --config=configs/<name>.py and --checkpoint=<dir>")
     # Before JAX's backend starts its threads (config.cpu_malloc).
     malloc_defaults.apply(FLAGS.config.cpu_malloc)
     result = run_evaluation(FLAGS.config, FLAGS.checkpoint, FLAGS.phase)
-  except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
-    if FLAGS.debug:
-      raise
-    message = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
   print(json.dumps(result) if FLAGS.json else format_line(result), flush=True)
 
 
