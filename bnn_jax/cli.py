@@ -62,7 +62,12 @@ def reporting_errors(debug: bool = False,
     fail(one_line(e))
 
 
-def quiet_logging() -> None:
-  """Shows absl WARNING and above only (orbax logs every save and restore,
-  with its whole CheckpointManagerOptions, at INFO)."""
-  logging.set_verbosity(logging.WARNING)
+def quiet_logging(level: int = logging.WARNING) -> None:
+  """Shows absl log records of `level` and above only.
+
+  At INFO, orbax logs every save and restore with its whole
+  CheckpointManagerOptions; at WARNING it still notes every read-only
+  restore, so programs whose output is one result line (evaluate) pass
+  `logging.ERROR`.
+  """
+  logging.set_verbosity(level)

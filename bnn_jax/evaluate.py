@@ -30,6 +30,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from bnn_jax import cli
@@ -115,7 +116,7 @@ def format_line(r: dict) -> str:
 
 def main(argv):
   del argv
-  cli.quiet_logging()
+  cli.quiet_logging(logging.ERROR)  # the output is the result line
   with cli.reporting_errors(debug=FLAGS.debug):
     if FLAGS.config is None or FLAGS.checkpoint is None:
       raise ValueError("pass --config=configs/<name>.py and --checkpoint=<dir>")
