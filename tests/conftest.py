@@ -57,8 +57,10 @@ def tiny_digits_config(data_dir: str):
   for name in ("step1", "step2"):
     config.phases[name].num_epochs = 1
     config.phases[name].model.width_multiplier = 0.25
-    # The latent weights start in U[0, 0.001): at this lr some signs flip
-    # within the 10 steps the dynamics tests look at (none at the default).
+    # One epoch of 'linear_epoch' is all at lr 0. The latent weights start
+    # in U[0, 0.001): at this lr some signs flip within the 10 steps the
+    # dynamics tests look at.
+    config.phases[name].optimizer.schedule = "constant"
     config.phases[name].optimizer.learning_rate = 0.02
   return config
 
