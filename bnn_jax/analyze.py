@@ -1,7 +1,7 @@
 """Plots and a markdown report of one or several training runs.
 
   python -m bnn_jax.analyze --workdir=DIR [--compare DIR2 ...] --out=OUT \
-      [--labels A B ...] [--phases step1 step2]
+      [--labels A B ...] [--phases step1 step2] [--debug]
 
 Reads each run's `metrics.jsonl` (and `results.json`) and writes to OUT:
 
@@ -21,6 +21,10 @@ Steps are counted across phases (phase k starts where phase k-1 ended;
 dotted lines mark the boundaries). Runs given the same label (`--labels`)
 are seeds of one setting: they are drawn as their mean with a min-max band,
 and the report gives mean +- standard deviation over them.
+
+Bad input (a directory without metrics.jsonl, labels that do not match the
+runs) ends the command with a one-line error, exit status 1 (`--debug`
+shows the traceback).
 
 Figures are drawn with matplotlib's object-oriented API and saved through
 its Agg canvas (no pyplot state), so importing this module in a notebook
@@ -42,6 +46,7 @@ import matplotlib
 from matplotlib import figure
 import numpy as np
 
+from bnn_jax import cli
 from bnn_jax import paths
 
 DYNAMICS_PREFIX = "dynamics/"
@@ -465,9 +470,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--phases", nargs="*", default=None,
                       help="only these phases (default: all)")
   parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--debug", action="store_true",
+                      help="show full tracebacks on errors")
   args = parser.parse_args(argv)
-  for path in analyze([args.workdir, *args.compare], args.out, args.labels,
-                      args.phases):
+  with cli.reporting_errors(debug=args.debug):
+    paths = analyze([args.workdir, *args.compare], args.out, args.labels,
+                    args.phases)
+  for path in paths:
     print(path)
 
 

@@ -63,6 +63,9 @@ keeps XLA:CPU's step buffers mapped between steps (`bnn_jax.malloc_defaults`;
 what it set is reported as `mallopt`); `--cpu_malloc=glibc` measures glibc's
 defaults (the digits configs' setting). `minor_page_faults_per_step` shows
 the difference.
+
+Exit status: 0 done; 1 bad input (one-line error; `--debug` shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 
+from bnn_jax import cli
 from bnn_jax import malloc_defaults
 from bnn_jax import xla_defaults
 
@@ -123,6 +127,7 @@ def define_flags() -> None:
   flags.DEFINE_string("trace_dir", "",
                       "After timing, trace 3 more steps with jax.profiler "
                       "into this directory (a Perfetto/Chrome trace).")
+  flags.DEFINE_bool("debug", False, "Show full tracebacks on errors.")
 
 
 # Dense peak FLOP/s by device kind substring: (bfloat16, float32). float32
@@ -405,22 +410,22 @@ def model_overrides_from_flags() -> dict:
 
 def main(argv):
   del argv
-  # Before JAX's backend starts its threads.
-  malloc_defaults.apply(FLAGS.cpu_malloc)
-  try:
-    result = run_benchmark(
-        FLAGS.model, FLAGS.batch, FLAGS.input_size, phase=FLAGS.phase,
-        dtype=FLAGS.dtype, teacher_name=FLAGS.teacher, steps=FLAGS.steps,
-        warmup=FLAGS.warmup, num_classes=FLAGS.num_classes,
-        input_channels=FLAGS.input_channels,
-        fresh_batches=FLAGS.fresh_batches,
-        model_overrides=model_overrides_from_flags(),
-        trace_dir=FLAGS.trace_dir)
-  except NonFiniteError as e:
-    if FLAGS.json:
-      print(json.dumps(e.result), flush=True)
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  with cli.reporting_errors(debug=FLAGS.debug):
+    # Before JAX's backend starts its threads.
+    malloc_defaults.apply(FLAGS.cpu_malloc)
+    try:
+      result = run_benchmark(
+          FLAGS.model, FLAGS.batch, FLAGS.input_size, phase=FLAGS.phase,
+          dtype=FLAGS.dtype, teacher_name=FLAGS.teacher, steps=FLAGS.steps,
+          warmup=FLAGS.warmup, num_classes=FLAGS.num_classes,
+          input_channels=FLAGS.input_channels,
+          fresh_batches=FLAGS.fresh_batches,
+          model_overrides=model_overrides_from_flags(),
+          trace_dir=FLAGS.trace_dir)
+    except NonFiniteError as e:
+      if FLAGS.json:  # the measurements up to the first non-finite step
+        print(json.dumps(e.result), flush=True)
+      cli.fail(cli.one_line(e))
   print(json.dumps(result) if FLAGS.json else format_line(result), flush=True)
   sys.exit(0)
 

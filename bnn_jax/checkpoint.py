@@ -216,6 +216,29 @@ def _local_target(state_dir: epath.Path) -> Any:
       metadata)
 
 
+def resolve_directory(path: paths.PathLike, phase: Optional[str] = None
+                      ) -> str:
+  """The checkpoint directory that `--checkpoint=path --phase=phase` names.
+
+  `path` is either a run's workdir, and then the result is its phase
+  directory `<path>/<phase>`, or already a checkpoint directory (a phase
+  directory, its `checkpoints/` child, an import_torch output), returned as
+  is. A workdir whose phase `phase` has no checkpoints is an error naming
+  the phases it does hold. Local and gs:// paths alike (`bnn_jax.paths`).
+  """
+  root = paths.resolve(path, "--checkpoint")
+  if phase and (root / phase / "checkpoints").is_dir():
+    return str(root / phase)
+  held = sorted(d.name for d in root.iterdir()
+                if (d / "checkpoints").is_dir()) if root.is_dir() else []
+  if held:
+    raise CheckpointError(
+        f"{root} is a workdir holding the phases {held}"
+        + (f", not {phase!r}" if phase else "")
+        + f"; pass --phase=<one of them> or --checkpoint={root}/<phase>")
+  return str(root)
+
+
 def load_variables(directory: paths.PathLike, step: Optional[int] = None
                    ) -> tuple[dict, dict]:
   """Reads ({'params', 'batch_stats'}, meta) from a checkpoint directory.

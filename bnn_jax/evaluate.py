@@ -1,14 +1,15 @@
 """Evaluate a checkpoint over a whole evaluation split.
 
   python -m bnn_jax.evaluate --config=configs/digits.py \
-      --checkpoint=/tmp/bnn_digits/step2 [--phase=step2] [--json]
+      --checkpoint=/tmp/bnn_digits [--phase=step2] [--json]
   python -m bnn_jax.evaluate --config=configs/digits.py \
       --packed=/tmp/digits_step2.bnn.npz [--json]
 
 Builds the model of phase `--phase` of the config (default: the last phase
 of `config.phase_order`), restores `{'params', 'batch_stats'}` from
-`--checkpoint` (a phase directory, its `checkpoints/` directory, or the
-output of `bnn_jax.import_torch`; the latest step), checks that they match
+`--checkpoint` (a run's workdir, whose phase `--phase` is read; a phase
+directory such as /tmp/bnn_digits/step2, its `checkpoints/` directory, or
+the output of `bnn_jax.import_torch`; the latest step), checks that they match
 the model exactly (any missing, unexpected or mis-shaped variable is an
 error naming it; sign(0) follows the checkpoint's recorded `zero_to`) and
 evaluates it in eval mode (BatchNorm running
@@ -32,12 +33,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
+from bnn_jax import cli
 from bnn_jax import malloc_defaults
 from bnn_jax import xla_defaults
 
@@ -49,7 +51,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file(
       "config", None, "Path to a config file (configs/*.py).",
       lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Checkpoint directory to evaluate.")
+  flags.DEFINE_string("checkpoint", None, "Checkpoint to evaluate: a run's "
+                      "workdir (with --phase) or a checkpoint directory.")
   flags.DEFINE_string("packed", None, "A packed file (python -m "
                       "bnn_jax.export --format=packed) to evaluate instead "
                       "of --checkpoint, with XNOR-popcount binary convs.")
@@ -87,6 +90,7 @@ def load_phase(config, checkpoint: str, phase: str | None = None) -> dict:
     raise ValueError(f"--phase={phase!r} is not a phase of the config; "
                      f"defined phases: {sorted(config.phases)}")
   info = input_pipeline.get_info(config.dataset)
+  checkpoint = checkpoint_lib.resolve_directory(checkpoint, phase)
   variables, meta = checkpoint_lib.load_variables(checkpoint)
   model_cfg = ml_collections.ConfigDict(config.phases[phase].model.to_dict())
   recorded = (meta.get("model") or {}).get("zero_to")
@@ -98,11 +102,15 @@ def load_phase(config, checkpoint: str, phase: str | None = None) -> dict:
       jax.ShapeDtypeStruct((1,) + tuple(info.image_shape), jnp.float32))
   train.check_variables_match(abstract, variables, f"checkpoint {checkpoint}")
   return {"phase": phase, "model_cfg": model_cfg.to_dict(), "model": model,
-          "variables": variables, "meta": meta, "info": info}
+          "variables": variables, "meta": meta, "info": info,
+          "checkpoint": checkpoint}
 
 
 def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   """Evaluates `checkpoint` with phase `phase`'s model over the eval split.
+
+  `checkpoint` is a run's workdir (its phase `phase` is read) or a
+  checkpoint directory (`checkpoint.resolve_directory`).
 
   Returns:
     {'phase', 'model', 'checkpoint', 'dataset', 'split', 'top1', 'top5',
@@ -112,7 +120,6 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from bnn_jax import input_pipeline
-  from bnn_jax import paths
   from bnn_jax import train
   from bnn_jax import train_step
 
@@ -129,7 +136,7 @@ def run_evaluation(config, checkpoint: str, phase: str | None = None) -> dict:
   result = train_step.evaluate(
       eval_step, jax.device_put(loaded["variables"], replicated), batches)
   return {"phase": loaded["phase"], "model": loaded["model_cfg"]["name"],
-          "checkpoint": str(paths.resolve(checkpoint, "--checkpoint")),
+          "checkpoint": loaded["checkpoint"],
           "dataset": config.dataset.name,
           "split": config.dataset.eval_split,
           "top1": result["eval/top1"], "top5": result["eval/top5"],
@@ -145,7 +152,8 @@ def format_line(r: dict) -> str:
 
 def main(argv):
   del argv
-  try:
+  cli.quiet_logging(logging.ERROR)  # the output is the result line
+  with cli.reporting_errors(debug=FLAGS.debug):
     if FLAGS.config is None or (FLAGS.checkpoint is None) == (
         FLAGS.packed is None):
       raise ValueError("pass --config=configs/<name>.py and either "
@@ -153,16 +161,10 @@ def main(argv):
     # Before JAX's backend starts its threads (config.cpu_malloc).
     malloc_defaults.apply(FLAGS.config.cpu_malloc)
     if FLAGS.packed is not None:
-      from bnn_jax import packed
+      from bnn_jax import packed  # pylint: disable=g-import-not-at-top
       result = packed.run_evaluation(FLAGS.config, FLAGS.packed)
     else:
       result = run_evaluation(FLAGS.config, FLAGS.checkpoint, FLAGS.phase)
-  except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
-    if FLAGS.debug:
-      raise
-    message = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
   print(json.dumps(result) if FLAGS.json else format_line(result), flush=True)
 
 

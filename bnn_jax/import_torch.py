@@ -20,10 +20,11 @@ traceback).
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app
 from absl import flags
+
+from bnn_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -62,16 +63,11 @@ def convert(checkpoint: str, model_name: str, out: str,
 
 def main(argv):
   del argv
-  try:
+  cli.quiet_logging()
+  with cli.reporting_errors(debug=FLAGS.debug):
     if FLAGS.checkpoint is None or FLAGS.out is None:
       raise ValueError("pass --checkpoint=FILE and --out=DIR")
     meta = convert(FLAGS.checkpoint, FLAGS.model, FLAGS.out, FLAGS.num_classes)
-  except (ValueError, ImportError, OSError) as e:
-    if FLAGS.debug:
-      raise
-    print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr,
-          flush=True)
-    sys.exit(1)
   print(f"imported {meta['num_tensors']} tensors of {FLAGS.checkpoint} as "
         f"{FLAGS.model} ({meta['num_classes']} classes) into "
         f"{os.path.abspath(FLAGS.out)}", flush=True)

@@ -100,7 +100,7 @@ class RPReLU(nn.Module):
 
 # Maps at most this size (H and W) run a k x k conv (k > 1) as im2col + one
 # matmul: XLA:CPU lowers convs whose map is smaller than the kernel to a naive
-# loop (measured: reactnet_small train step at 8x8, batch 64, 132 ms -> 20 ms).
+# loop (docs/performance.md, the XLA:CPU table, has the measurements).
 SMALL_MAP_SIZE = 4
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
+from bnn_jax import cli
 from bnn_jax import malloc_defaults
 from bnn_jax import xla_defaults
 
@@ -33,7 +34,6 @@ xla_defaults.apply()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -86,7 +86,7 @@ def _run(argv) -> int:
   if applied:
     multihost.report(f"cpu_malloc=reuse: {', '.join(applied)}")
 
-  logging.set_verbosity(logging.WARNING)
+  cli.quiet_logging()
   if FLAGS.dry_run:
     from bnn_jax import dry_run
     return dry_run.run(FLAGS.config, FLAGS.workdir)
@@ -104,22 +104,6 @@ def _run(argv) -> int:
   return 0
 
 
-def _one_line(e: BaseException) -> str:
-  """An exception's message on one line (KeyError and AttributeError quote theirs)."""
-  text = str(e.args[0]) if (isinstance(e, KeyError) and e.args) else str(e)
-  text = text.replace("\\n", "\n").replace("\\'", "'").strip()
-  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
-    text = text[1:-1]
-  lines = [l.strip() for l in text.splitlines() if l.strip()]
-  return " ".join(lines[:2]) if lines else repr(e)
-
-
-def _fail(message: str) -> None:
-  from bnn_jax import multihost  # pylint: disable=g-import-not-at-top
-  print(f"{multihost.prefix()}error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors (unknown config key, bad value, missing file)."""
   debug = "--debug" in argv
@@ -128,17 +112,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     path = (arg.split("=", 1)[1] if arg.startswith("--config=") else
             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
     if path is not None and not os.path.isfile(path.split(":", 1)[0]):
-      _fail(f"config file {path.split(':', 1)[0]!r} not found; pass one of "
+      cli.fail(f"config file {path.split(':', 1)[0]!r} not found; pass one of "
             f"configs/*.py, e.g. --config=configs/digits.py")
   try:
     return FLAGS(argv)
   except Exception as e:  # absl and ml_collections raise many types here.
     if debug:
       raise
-    detail = _one_line(e)
+    detail = cli.one_line(e)
     cause = e.__cause__ or e.__context__
     if cause is not None and "earlier failure" in detail:
-      detail = _one_line(cause)
+      detail = cli.one_line(cause)
     if isinstance(e, (AttributeError, KeyError)):
       key = detail.split()[0].strip("'\"") if detail else ""
       bad = [a.split("=", 1)[0] for a in argv[1:]
@@ -148,17 +132,14 @@ def parse_flags(argv: list[str]) -> list[str]:
       detail = f"unknown config key {key!r}{where}" + (
           f"; {' '.join(detail.split()[1:])}" if len(detail.split()) > 1
           else "; print the config with --config=... --helpfull or read it")
-    _fail(f"{detail}")
+    cli.fail(detail)
   return []
 
 
 def main(argv):
-  try:
-    sys.exit(_run(argv))
-  except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
-    if FLAGS.debug:
-      raise
-    _fail(_one_line(e))
+  with cli.reporting_errors(debug=FLAGS.debug):
+    code = _run(argv)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ XLA:CPU allocates each step's scratch (temp) buffer, hundreds of MB to GBs,
 afresh on its worker threads. glibc gives every thread arena but the main
 one 64 MiB heaps, so such a buffer is always a fresh `mmap`, returned with
 `munmap` when freed: every training step then faults its scratch memory in
-again, page by page, with the kernel zeroing each page. Measured on the
-2-vCPU development machines (ReActNet-A step 2, docs/performance.md):
-79,000 minor page faults per 32x32 batch-64 step (316 MB) and 505,000 per
-224x224 batch-16 step (2 GB), about a tenth of the step.
+again, page by page, with the kernel zeroing each page: tens to hundreds of
+thousands of minor page faults per ReActNet-A step, a noticeable share of
+the step time (measured in docs/performance.md).
 
 `apply("reuse")` keeps that memory in the process instead, with three
 `mallopt` settings, so that each step reuses the previous step's pages (0
@@ -19,16 +18,12 @@ faults):
 * `M_TRIM_THRESHOLD = -1`: freed memory at the top of the heap is kept, not
   returned to the kernel.
 
-Measured (docs/performance.md, interleaved rounds on 2 cores): the
-benchmarked ReActNet-A step, 32x32 batch 64: 233-243 -> 254-272 images/s,
-224x224 batch 16: 6.1-7.1 -> 7.9-8.2 images/s; the training loop
-(`phases.run`, with tf.data) of ReActNet-A at 32x32 batch 64: 176-186 ->
-137-157 s for 160 steps. The costs: the process keeps its
-peak heap (resident memory 4.0 -> 5.6 GB at 224x224 batch 16), and with
-one arena XLA's compiler threads contend for the malloc lock (ReActNet-A's
-step compiles in 10-14 s instead of 8-10 s). For small models, whose step
-buffers fit glibc's 64 MiB heaps, that is all cost: the digits job takes
-109-111 s instead of 96-98 s. Hence a choice, `mode`:
+It makes ReActNet-A's steps and training loop faster (docs/performance.md
+has the interleaved measurements). The costs: the process keeps its peak
+heap (higher resident memory), and with one arena XLA's compiler threads
+contend for the malloc lock (slower compiles). For small models, whose step
+buffers fit glibc's 64 MiB heaps, that is all cost (the digits job is
+slower). Hence a choice, `mode`:
 
 * `"reuse"`: the settings above. Set by `config.cpu_malloc = "reuse"` in the
   ReActNet-A configs (configs/cifar10.py, the ImageNet ones), and the

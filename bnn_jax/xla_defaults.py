@@ -7,8 +7,8 @@ not set at all: any value the user exports (even an empty one) wins, so
 * `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`: XLA:CPU
   (jaxlib 0.10) hands every convolution to YNNPACK by default; without it
   they run on Eigen's convolution, which trains ReActNet-A's 3x3 convs
-  (forward and both backward convolutions) 1.4-2.5x faster on the 2-core
-  AMD EPYC (Zen 5, AVX-512) development machines (docs/performance.md).
+  (forward and both backward convolutions) faster on the AVX-512 CPUs
+  measured in docs/performance.md (its XLA:CPU table has the numbers).
   The flag only concerns the CPU back-end; GPU and TPU runs ignore it.
   It names an experimental option of the pinned jaxlib: XLA refuses unknown
   flags, so a jaxlib upgrade must re-check it.

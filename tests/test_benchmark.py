@@ -77,6 +77,7 @@ _CLI_AND_IMPORTS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_cli_json_without_tensorflow():
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   out = subprocess.run([sys.executable, "-c", _CLI_AND_IMPORTS], cwd=_REPO,

@@ -18,8 +18,9 @@ _SHA256 = {
 
 
 @pytest.fixture(scope="module")
-def builder(tmp_path_factory):
-  return digits.prepare(str(tmp_path_factory.mktemp("tfds")))
+def builder(digits_data_dir):
+  """The data set built into a fresh data dir (conftest `digits_data_dir`)."""
+  return digits.prepare(digits_data_dir)
 
 
 @pytest.fixture(scope="module")

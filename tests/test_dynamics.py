@@ -14,7 +14,6 @@ from bnn_jax import analyze
 from bnn_jax import dynamics
 from bnn_jax import layers
 from bnn_jax import optim
-from bnn_jax import phases
 
 
 def _tree(k1, k2, stem=(0.0,), scale=(1.0,)):
@@ -189,35 +188,11 @@ def test_weight_dynamics_names_and_jit():
 # ---------------------------------------------------------------------------
 # The hook in a short training run, and `analyze` on its output.
 # ---------------------------------------------------------------------------
-def _two_phase_config(data_dir):
-  """step1 (fresh) -> step2 (hand-off), quarter width, CE, 11 steps each."""
-  from configs import digits as digits_config  # noqa: PLC0415
-  config = digits_config.get_config()
-  config.dataset.data_dir = data_dir
-  config.batch_size = 128
-  config.eval_batch_size = 360
-  config.log_every_steps = 5
-  config.checkpoint_every_steps = 100
-  config.phase_order = "step1,step2"
-  config.dynamics.every = 5
-  for name in ("step1", "step2"):
-    phase = config.phases[name]
-    phase.num_epochs = 1
-    phase.model.width_multiplier = 0.25
-    phase.teacher = ""
-    phase.loss.kd_weight = 0.0
-    phase.loss.ce_weight = 1.0
-    phase.optimizer.schedule = "constant"
-    phase.optimizer.learning_rate = 0.02  # weights start at U[0, 0.001)
-  return config
-
-
-@pytest.fixture(scope="module")
-def dynamics_run(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  workdir = str(tmp_path_factory.mktemp("run"))
-  phases.run(_two_phase_config(data_dir), workdir)
-  return workdir
+@pytest.fixture
+def dynamics_run(trained_digits):
+  """The shared digits run's workdir (conftest): dynamics every 5 steps,
+  11 steps per student phase, step2 handed over from step1."""
+  return trained_digits.workdir
 
 
 def test_training_logs_dynamics(dynamics_run):
@@ -239,7 +214,7 @@ def test_training_logs_dynamics(dynamics_run):
       if name.startswith("dynamics/") and "adam_v" not in name:
         assert 0.0 <= value <= 1.0, (name, value)
   step1, step2 = logged[1], logged[3]
-  # The initial weights are all positive and lr 0.02 flips some.
+  # The initial weights are all positive and 10 Adam steps flip some.
   assert step1["dynamics/c2i"] == step1["dynamics/c2i_phase"] < 1.0
   # Step 2 inherits step 1's initialisation: C2I against it differs from
   # C2I against step 2's own start.

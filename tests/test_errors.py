@@ -7,26 +7,20 @@ import shutil
 import subprocess
 import sys
 
+from absl import flags
 import jax
 import numpy as np
 import pytest
 
+from bnn_jax import analyze
 from bnn_jax import checkpoint as checkpoint_lib
+from bnn_jax import cli
 from bnn_jax import input_pipeline
+from bnn_jax import main as main_lib
 from bnn_jax import phases
 from configs import digits as digits_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _main(*args, timeout=120):
-  """Runs `python -m bnn_jax.main` with args; returns (returncode, stderr)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-m", "bnn_jax.main", *args],
-                        cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
-  return proc.returncode, proc.stderr
 
 
 def _error_line(stderr: str) -> str:
@@ -36,14 +30,32 @@ def _error_line(stderr: str) -> str:
   return lines[0]
 
 
+def _main_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
+  """`python -m bnn_jax.main *args` in this process (main's flag parser,
+  then main); returns (exit status, stderr). Only for runs that fail before
+  training."""
+  argv = ["bnn_jax.main", *args]
+  monkeypatch.setattr(sys, "argv", argv)  # config overrides are read there
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      main_lib.main(main_lib.parse_flags(argv))
+  finally:
+    # As a fresh process would be: no values, no `--config.*` override
+    # flags (ml_collections defines them while parsing).
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, name)
+  return exit_info.value.code, capsys.readouterr().err
+
+
 @pytest.fixture
-def config(tmp_path_factory):
+def config(digits_data_dir):
   config = digits_config.get_config()
-  config.dataset.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  config.dataset.data_dir = digits_data_dir
   return config
 
 
-@pytest.mark.parametrize("override, expected", [
+_CLI_ERRORS = [
     ("--config.phases.step1.optimizer.weigth_decay=1",
      "unknown config key 'weigth_decay' in "
      "--config.phases.step1.optimizer.weigth_decay; Did you mean "
@@ -52,21 +64,70 @@ def config(tmp_path_factory):
      "learning_rate=-1.0; expected > 0"),
     ("--config.cpu_malloc=reuse_buffers",
      "config.cpu_malloc='reuse_buffers' is not a malloc mode; use 'reuse'"),
-])
-def test_cli_errors_are_one_line(override, expected, tmp_path):
+]
+
+
+@pytest.mark.parametrize("override, expected", _CLI_ERRORS)
+def test_cli_errors_are_one_line(override, expected, tmp_path, monkeypatch,
+                                 capsys, digits_data_dir):
   workdir = tmp_path / "run"
-  code, stderr = _main("--config=configs/digits.py", f"--workdir={workdir}",
-                       "--config.dataset.data_dir=" + str(tmp_path / "tfds"),
-                       override)
+  code, stderr = _main_in_process(
+      monkeypatch, capsys, "--config=configs/digits.py", f"--workdir={workdir}",
+      f"--config.dataset.data_dir={digits_data_dir}", override)
   assert code == 1
   assert expected in _error_line(stderr)
   assert not workdir.exists() or not any(workdir.iterdir())
 
 
-def test_cli_missing_config_file(tmp_path):
-  code, stderr = _main("--config=configs/digts.py", f"--workdir={tmp_path}")
+def test_cli_missing_config_file(tmp_path, monkeypatch, capsys):
+  code, stderr = _main_in_process(monkeypatch, capsys,
+                                  "--config=configs/digts.py",
+                                  f"--workdir={tmp_path}")
   assert code == 1
   assert "config file 'configs/digts.py' not found" in _error_line(stderr)
+
+
+def test_analyze_cli_errors_are_one_line(tmp_path, capsys):
+  missing = tmp_path / "nope"
+  with pytest.raises(SystemExit) as exit_info:
+    analyze.main(["--workdir", str(missing), "--out", str(tmp_path / "out")])
+  assert exit_info.value.code == 1
+  assert _error_line(capsys.readouterr().err) == (
+      f"error: {missing}/metrics.jsonl does not exist; pass a --workdir "
+      "written by `python -m bnn_jax.main`")
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_error_of_the_real_program(tmp_path):
+  """The same one line from `python -m bnn_jax.main` (absl's app.run)."""
+  override, expected = _CLI_ERRORS[0]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "bnn_jax.main", "--config=configs/digits.py",
+       f"--workdir={tmp_path / 'run'}", override],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert expected in _error_line(proc.stderr)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("error, line", [
+    (KeyError("unknown key \\'x\\'\\nmore"), "unknown key 'x' more"),
+    (ValueError("first\n\n  second\nthird"), "first second"),
+    (ValueError(""), "ValueError('')"),
+])
+def test_one_line(error, line, capsys):
+  assert cli.one_line(error) == line
+  with pytest.raises(SystemExit) as exit_info:
+    with cli.reporting_errors():
+      raise error
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == f"error: {line}\n"
+  with pytest.raises(type(error)):  # --debug: the traceback
+    with cli.reporting_errors(debug=True):
+      raise error
 
 
 @pytest.mark.parametrize("mutate, expected", [
@@ -137,6 +198,7 @@ def _tiny(config):
   return config
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused_then_moved_aside(config,
                                                                 tmp_path):
   workdir = str(tmp_path / "run")
@@ -162,10 +224,12 @@ def test_workdir_of_another_config_is_refused_then_moved_aside(config,
     assert json.load(f) == json.loads(json.dumps(first))
 
 
-def test_corrupt_checkpoint_is_reported_and_kept(config, tmp_path):
+def test_corrupt_checkpoint_is_reported_and_kept(trained_digits, tmp_path):
+  """A copy of the shared run whose teacher's last checkpoint is truncated:
+  the re-run restores it (a finished phase) and stops naming it."""
   workdir = str(tmp_path / "run")
-  config = _tiny(config)
-  phases.run(config, workdir)
+  shutil.copytree(trained_digits.workdir, workdir)
+  config = trained_digits.config
   ckpt_dir = os.path.join(workdir, "teacher", "checkpoints")
   latest = checkpoint_lib.Checkpointer(ckpt_dir).latest_step()
   # Truncate every array file of the latest step.

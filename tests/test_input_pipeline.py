@@ -53,12 +53,12 @@ def _records(images, labels):
 
 
 # ---------------------------------------------------------------------------
-# digits: the real data set, built into a temporary data_dir.
+# digits: the real data set, built into a temporary data_dir (conftest).
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def digits_cfg(tmp_path_factory):
+def digits_cfg(digits_data_dir):
   cfg = input_pipeline.default_dataset_config("digits")
-  cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  cfg.data_dir = digits_data_dir
   return cfg
 
 

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LAUNCH = os.path.join(_REPO, "launch")
 _SCRIPTS = ["local.sh", "gpu_node.sh", "tpu_pod.sh", "slurm.sbatch"]

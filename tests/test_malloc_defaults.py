@@ -101,6 +101,7 @@ _ARENAS_AROUND_MAIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_main_applies_the_mode_before_any_other_arena_exists():
   def arenas(mode):

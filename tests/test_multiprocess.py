@@ -165,6 +165,7 @@ def two_runs(tmp_path_factory):
   return one_dir, two_dir, output
 
 
+@pytest.mark.slow
 def test_two_processes_joined_with_one_device_each(two_runs):
   _, _, output = two_runs
   for i in (0, 1):
@@ -175,6 +176,7 @@ def test_two_processes_joined_with_one_device_each(two_runs):
   assert "[process 1] results:" not in output
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(two_runs):
   one_dir, two_dir, _ = two_runs
   with open(os.path.join(one_dir, phases.RESULTS_FILE)) as f:
@@ -231,6 +233,7 @@ def test_two_processes_match_one_process(two_runs):
   assert len(moved) > 10 and min(moved) > 0.1
 
 
+@pytest.mark.slow
 def test_checkpoints_of_two_processes_load_on_one_device(two_runs, tmp_path):
   """`load_variables` does not need the devices that wrote the checkpoint."""
   _, two_dir, _ = two_runs

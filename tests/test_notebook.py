@@ -19,6 +19,8 @@ import pytest
 
 from test_packaging import build_wheel  # pylint: disable=g-bad-import-order
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 

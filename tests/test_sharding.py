@@ -63,9 +63,9 @@ def _assert_same_batches(a, b):
 
 
 @pytest.fixture(scope="module")
-def digits_cfg(tmp_path_factory):
+def digits_cfg(digits_data_dir):
   cfg = input_pipeline.default_dataset_config("digits")
-  cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  cfg.data_dir = digits_data_dir
   return cfg
 
 

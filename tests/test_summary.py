@@ -159,6 +159,7 @@ def test_table(reactnet_a):
   assert len({len(l) for l in lines[1:-1]}) == 1
 
 
+@pytest.mark.slow
 def test_cli_json():
   out = subprocess.run(
       [sys.executable, "-m", "bnn_jax.summary", "--model=reactnet_a",

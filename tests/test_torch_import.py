@@ -364,6 +364,7 @@ def test_real_torch_save_file(tmp_path, quarter_sd, quarter_vars):
   jax.tree.map(np.testing.assert_array_equal, variables, quarter_vars)
 
 
+@pytest.mark.slow
 def test_import_cli_writes_a_checkpoint_init_from_accepts(tmp_path):
   """The CLI once, on a cheap model: reactnet_small for 1-channel digits."""
   sd = reactnet_state_dict(num_classes=10, channels=REACTNET_A_CHANNELS[:6],

@@ -1,4 +1,4 @@
-"""End-to-end training: a short multi-phase digits run, hand-off, resume, logs."""
+"""End-to-end training: the shared multi-phase digits run, hand-off, resume, logs."""
 
 import json
 import os
@@ -11,42 +11,14 @@ import pytest
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import phases
 from bnn_jax import train
-from configs import digits as digits_config
 
 
-def tiny_digits_config(tmp_data_dir: str):
-  """The embedded default, shortened: 2 + 1 + 1 epochs, a quarter-width student
-  (steps 1 and 2 with a linear decay within their one epoch)."""
-  config = digits_config.get_config()
-  config.dataset.data_dir = tmp_data_dir
-  config.batch_size = 128
-  config.eval_batch_size = 128
-  config.log_every_steps = 5
-  config.checkpoint_every_steps = 4
-  config.phases.teacher.num_epochs = 2
-  for name in ("step1", "step2"):
-    config.phases[name].num_epochs = 1
-    config.phases[name].model.width_multiplier = 0.25
-    # 'linear_epoch' over 1 epoch would train at learning rate 0.
-    config.phases[name].optimizer.schedule = "linear"
-  return config
+# `trained_digits` (conftest): teacher 2 epochs, step1 and step2 one epoch each,
+# quarter width, checkpoints every 4 steps, logs every 5.
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, data_dir):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = tiny_digits_config(data_dir)
-  results = phases.run(config, workdir)
-  return config, workdir, results
-
-
-def test_results_json(finished_run):
-  _, workdir, results = finished_run
+def test_results_json(trained_digits):
+  _, workdir, results = trained_digits
   with open(os.path.join(workdir, "results.json")) as f:
     on_disk = json.load(f)
   assert list(on_disk) == ["teacher", "step1", "step2"]  # phase order
@@ -62,8 +34,8 @@ def test_results_json(finished_run):
   assert on_disk["teacher"]["top1"] > 0.5
 
 
-def test_logs_and_checkpoints(finished_run):
-  _, workdir, _ = finished_run
+def test_logs_and_checkpoints(trained_digits):
+  _, workdir, _ = trained_digits
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   names = set().union(*records)
   assert {"phase", "step", "train/loss", "train/lr", "train/top1",
@@ -79,8 +51,8 @@ def test_logs_and_checkpoints(finished_run):
     assert ckpt.latest_step() == (22 if phase == "teacher" else 11)
 
 
-def test_rerun_continues_without_retraining(finished_run):
-  config, workdir, results = finished_run
+def test_rerun_continues_without_retraining(trained_digits):
+  config, workdir, results = trained_digits
   mtime = os.path.getmtime(os.path.join(workdir, "metrics.jsonl"))
   again = phases.run(config, workdir)
   assert again == results
@@ -88,9 +60,9 @@ def test_rerun_continues_without_retraining(finished_run):
   assert os.path.getmtime(os.path.join(workdir, "metrics.jsonl")) == mtime
 
 
-def test_step2_starts_from_step1_exactly(finished_run, tmp_path):
+def test_step2_starts_from_step1_exactly(trained_digits, tmp_path):
   """A 0-epoch phase from a checkpoint keeps exactly those parameters."""
-  config, workdir, results = finished_run
+  config, workdir, results = trained_digits
   config = config.copy_and_resolve_references()
   config.phase_order = "step2"
   config.phases.step2.num_epochs = 0
@@ -103,8 +75,8 @@ def test_step2_starts_from_step1_exactly(finished_run, tmp_path):
   assert out["step2"]["steps"] == 0
 
 
-def test_handoff_rejects_mismatched_variables(finished_run, tmp_path):
-  config, workdir, _ = finished_run
+def test_handoff_rejects_mismatched_variables(trained_digits, tmp_path):
+  config, workdir, _ = trained_digits
   config = config.copy_and_resolve_references()
   config.phase_order = "step2"
   config.phases.step2.teacher = ""
@@ -133,8 +105,8 @@ def test_check_variables_match_names_the_problem():
                               "c": np.ones(1)}}, "x")
 
 
-def test_init_from_previous_needs_a_previous_phase(data_dir, tmp_path):
-  config = tiny_digits_config(data_dir)
+def test_init_from_previous_needs_a_previous_phase(trained_digits, tmp_path):
+  config = trained_digits.config.copy_and_resolve_references()
   config.phase_order = "step2"
   with pytest.raises(ValueError, match="init_from"):
     phases.run(config, str(tmp_path))
