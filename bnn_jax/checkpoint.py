@@ -17,6 +17,7 @@ hand-off, `init_from`, teachers and evaluation. Directories may be local or
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
 import re
 import sys
@@ -162,6 +163,11 @@ def _ignore_closed_event_loop() -> None:
 
   hook.ignores_closed_event_loop = True
   sys.unraisablehook = hook
+  # The step's other reads fail too; asyncio reports each such task, when it
+  # is garbage-collected, as "Task exception was never retrieved" with the
+  # whole TensorStore traceback (when depends on the collector's timing).
+  # The one-line error already says what failed.
+  py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
 
 
 def corrupt_checkpoint_error(directory: str, step: int, all_steps,

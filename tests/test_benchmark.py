@@ -15,6 +15,7 @@ from bnn_jax import xla_defaults
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_benchmark_a_tiny_model():
   """One real AOT compile and timed steps: step 1 with a teacher (KD)."""
   r = benchmark.run_benchmark(
@@ -91,6 +92,7 @@ def test_cli_json_without_tensorflow():
   assert json.loads(imported_line) == []
 
 
+@pytest.mark.slow
 def test_fresh_batches_and_the_first_nonfinite_step(monkeypatch):
   """--fresh_batches trains on a new batch each step (the fixed-batch run's
   losses differ from step 2 on); a step whose `finite` metric is false stops

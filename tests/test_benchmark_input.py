@@ -7,6 +7,7 @@ import tensorflow as tf
 from bnn_jax import benchmark_input
 
 
+@pytest.mark.slow
 def test_synthetic_imagenet_is_an_imagenet2012_for_the_pipeline(tmp_path):
   data_dir = str(tmp_path)
   builder = benchmark_input.prepare(data_dir, num_train=8, num_validation=4)

@@ -90,6 +90,7 @@ def test_sign_weights_unscaled():
       jax.grad(lambda v: jnp.sum(binary.sign_weights(v)))(w), [[1, 1], [0, 1]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(binary.ACTIVATION_BINARIZERS))
 def test_jit_vmap_bfloat16(name):
   fn = binary.get_activation_binarizer(name)

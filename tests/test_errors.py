@@ -265,6 +265,7 @@ def test_load_variables_rejects_foreign_directories(tmp_path):
     checkpoint_lib.load_variables(str(tmp_path / "empty"))
 
 
+@pytest.mark.slow
 def test_nan_stops_with_phase_and_step_and_keeps_good_checkpoint(config,
                                                                  tmp_path):
   workdir = str(tmp_path / "run")

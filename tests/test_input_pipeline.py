@@ -130,6 +130,7 @@ def test_digits_determinism(digits_cfg):
   assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start_step", [1, 21, 22, 30, 47])
 def test_digits_resume(digits_cfg, start_step):
   """start_step=k yields batches k, k+1, ... of the run from step 0."""
@@ -346,6 +347,7 @@ def test_mocked_end_to_end(name):
       cfg, global_batch_size=4)))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("mock_tfds")
 @pytest.mark.parametrize("name", list(_MOCKED))
 @pytest.mark.parametrize("shuffle_buffer_size", [None, 3])

@@ -36,6 +36,7 @@ CASES = [((2, 8, 8, 16), (3, 3, 16, 32), 1, 1),
     "float8_e4m3fn",
     pytest.param("int8", marks=pytest.mark.slow),
     pytest.param("bfloat16", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_low_precision_binary_conv_is_exact_in_bfloat16(operand):
   for case in CASES:
     _check_exact(operand, *case)

@@ -112,6 +112,7 @@ def test_step1_and_step2_have_identical_variables(name):
   assert _spec(step1) == _spec(step2)
 
 
+@pytest.mark.slow
 def test_step2_runs_on_step1_variables():
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   step1 = models.create("reactnet_small", num_classes=10, binary_weights=False)
@@ -140,6 +141,7 @@ def test_imagenet_models_forward_shapes(name):
   assert _spec(updates["batch_stats"]) == _spec(variables["batch_stats"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL_MODELS))
 def test_small_models_forward_train_and_eval(name):
   size = SMALL_MODELS[name]
@@ -164,6 +166,7 @@ def test_small_models_forward_train_and_eval(name):
   assert not np.allclose(evaluated, logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["reactnet_small", "resnet_small"])
 def test_bfloat16_forward(name):
   model = models.create(name, num_classes=10, dtype=jnp.bfloat16)

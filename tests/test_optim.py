@@ -74,6 +74,7 @@ def adam_config(**overrides):
 # Weight decay: coupled (reference) and decoupled (AdamW).
 
 
+@pytest.mark.slow
 def test_coupled_equals_torch_adam_with_l2():
   """3 steps of torch.optim.Adam(weight_decay=WD) semantics, by hand."""
   # One step per epoch: the lr changes every step, base * (1 - (t + 1) / 4).

@@ -188,6 +188,7 @@ def _step1_optimizer():
   return optim.build_optimizer(cfg, steps_per_epoch=10, num_epochs=4)
 
 
+@pytest.mark.slow
 def test_bf16_step_keeps_params_optimizer_state_and_statistics_float32():
   model = _tiny_student(BF16)
   tx = _step1_optimizer()
@@ -303,6 +304,7 @@ def test_linear_epoch_over_one_epoch_warns(epochs, warmup, warns):
   assert optim.warn_if_no_training(dict(schedule="linear"), 1) is None
 
 
+@pytest.mark.slow
 def test_bf16_eval_of_an_imported_reference_network_tracks_float32():
   """The reference ReActNet-A in torch (quarter width, random weights and
   shifts, BN statistics of 512 random inputs as a checkpoint's would be),

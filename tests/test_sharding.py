@@ -72,6 +72,7 @@ def digits_cfg(digits_data_dir):
 # ---------------------------------------------------------------------------
 # Global batches and the process count.
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("count", [2, 4])
 @pytest.mark.parametrize("start_step", [0, 21])
 def test_digits_global_batches_do_not_depend_on_the_process_count(
@@ -205,6 +206,7 @@ def _step_outputs(model, tx, loss_cfg, state, batch, devices):
 
 @pytest.mark.parametrize("bn_group_size,optimizer", [(None, "adam"),
                                                      (4, "sgd")])
+@pytest.mark.slow
 def test_eight_devices_match_one_device(bn_group_size, optimizer):
   """Global and per-group (4 = the per-device batch) BatchNorm statistics."""
   assert jax.device_count() == 8
@@ -288,6 +290,7 @@ def test_group_statistics_are_per_group_of_examples():
 # ---------------------------------------------------------------------------
 # Evaluation on 8 devices over an odd-sized split.
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_on_eight_devices_counts_every_example_once(digits_cfg):
   model = models.create("reactnet_small", num_classes=10,
                         channels=(32, 64, 128), width_multiplier=0.25)

@@ -398,6 +398,7 @@ def test_import_cli_writes_a_checkpoint_init_from_accepts(tmp_path):
       f"error: --out {out} is not empty; pass a new directory")
 
 
+@pytest.mark.slow
 def test_imported_model_computes_what_torch_computes(quarter_sd, quarter_vars):
   """With torch: the reference ReActNet-A in torch (`torch_reference`), loaded
   strictly with the same state dict, gives the imported model's stem, block
