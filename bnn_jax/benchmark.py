@@ -70,13 +70,14 @@ traceback).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
 import statistics
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import app
 from absl import flags
@@ -177,24 +178,31 @@ class NonFiniteError(RuntimeError):
     self.result = result
 
 
-def run_benchmark(model_name: str, batch: int, input_size: int,
-                  phase: str = "step2", dtype: str = "float32",
-                  teacher_name: str = "", steps: int = 10, warmup: int = 2,
-                  num_classes: int = 1000, input_channels: int = 3,
-                  fresh_batches: bool = False,
-                  model_overrides: Optional[dict] = None,
-                  trace_dir: str = "") -> dict:
-  """Compiles and times the training step; returns the measurements.
+@dataclasses.dataclass
+class BuiltStep:
+  """A compiled training step and what it runs on (`build_step`)."""
+  compiled: Any            # (state, batch, teacher_vars) -> (state, metrics)
+  state: Any               # the initial TrainState
+  batch_data: dict         # one random batch
+  random_batch: Callable   # key -> a random batch of the same shape
+  teacher_vars: Any
+  student_macs: int        # bops + flops of the student (`bnn_jax.summary`)
+  teacher_macs: int
+  lower_s: float
+  compile_s: float
 
-  Every step's `finite` metric (loss, max |gradient|, max |parameter|) is
-  checked; the run stops at the first non-finite step (counted from 1 over
-  warm-up and timed steps) and raises `NonFiniteError`, which carries the
-  result with `first_nonfinite_step` and that step's metrics.
 
-  `model_overrides` are extra attributes of the student (those it has; e.g.
-  the opt-in levers `binary_conv_operand_dtype`, `bn_one_pass_stats`).
-  With `trace_dir`, 3 more steps after the timed ones run under
-  `jax.profiler.trace(trace_dir)` (result key `trace_error` if that fails).
+def build_step(model_name: str, batch: int, input_size: int,
+               phase: str = "step2", dtype: str = "float32",
+               teacher_name: str = "", num_classes: int = 1000,
+               input_channels: int = 3,
+               model_overrides: Optional[dict] = None) -> BuiltStep:
+  """Builds, lowers and compiles the training step `run_benchmark` times.
+
+  The student in `phase` (step1: real weights, step2: binary), Adam as in
+  the recipe (coupled weight decay 5e-6 in step 1, none in step 2), the
+  combined loss (KD from `teacher_name`, else cross-entropy only), the state
+  donated as in training, random inputs and labels.
   """
   import jax
   import jax.numpy as jnp
@@ -253,12 +261,6 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
 
   batch_data = random_batch(jax.random.key(2))
 
-  def batch_for(step):  # step counts from 1
-    if not fresh_batches:
-      return batch_data
-    return jax.block_until_ready(
-        random_batch(jax.random.fold_in(jax.random.key(2), step)))
-
   step_fn = jax.jit(train_step.make_train_step(model, tx, loss_cfg, teacher),
                     donate_argnums=(0,))
 
@@ -267,6 +269,47 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
+  return BuiltStep(compiled=compiled, state=state, batch_data=batch_data,
+                   random_batch=random_batch, teacher_vars=teacher_vars,
+                   student_macs=s_summary.bops + s_summary.flops,
+                   teacher_macs=teacher_macs, lower_s=t1 - t0,
+                   compile_s=t2 - t1)
+
+
+def run_benchmark(model_name: str, batch: int, input_size: int,
+                  phase: str = "step2", dtype: str = "float32",
+                  teacher_name: str = "", steps: int = 10, warmup: int = 2,
+                  num_classes: int = 1000, input_channels: int = 3,
+                  fresh_batches: bool = False,
+                  model_overrides: Optional[dict] = None,
+                  trace_dir: str = "") -> dict:
+  """Compiles and times the training step; returns the measurements.
+
+  Every step's `finite` metric (loss, max |gradient|, max |parameter|) is
+  checked; the run stops at the first non-finite step (counted from 1 over
+  warm-up and timed steps) and raises `NonFiniteError`, which carries the
+  result with `first_nonfinite_step` and that step's metrics.
+
+  `model_overrides` are extra attributes of the student (those it has; e.g.
+  the opt-in levers `binary_conv_operand_dtype`, `bn_one_pass_stats`).
+  With `trace_dir`, 3 more steps after the timed ones run under
+  `jax.profiler.trace(trace_dir)` (result key `trace_error` if that fails).
+  """
+  import jax
+
+  built = build_step(model_name, batch, input_size, phase=phase, dtype=dtype,
+                     teacher_name=teacher_name, num_classes=num_classes,
+                     input_channels=input_channels,
+                     model_overrides=model_overrides)
+  compiled, state = built.compiled, built.state
+  batch_data, random_batch = built.batch_data, built.random_batch
+  teacher_vars, teacher_macs = built.teacher_vars, built.teacher_macs
+
+  def batch_for(step):  # step counts from 1
+    if not fresh_batches:
+      return batch_data
+    return jax.block_until_ready(
+        random_batch(jax.random.fold_in(jax.random.key(2), step)))
 
   first_nonfinite = None
   bad_metrics = None
@@ -314,7 +357,7 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
   stats = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = model_flops_per_step(s_summary.bops + s_summary.flops, teacher_macs,
+  flops = model_flops_per_step(built.student_macs, teacher_macs,
                                batch)
   peak = None if device.platform == "cpu" else peak_flops(device.device_kind,
                                                           dtype)
@@ -326,7 +369,7 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
       "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
       "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "mallopt": list(malloc_defaults.applied),
-      "lower_s": t1 - t0, "compile_s": t2 - t1,
+      "lower_s": built.lower_s, "compile_s": built.compile_s,
       "step_s_median": median, "step_s_min": min(times),
       "step_s_mean": statistics.fmean(times), "step_s": times,
       "cpu_s_per_step": cpu_per_step,

@@ -188,27 +188,23 @@ def _integer_conv(xs: Array, ws: Array, strides: int, padding: int,
                   accumulator: Any) -> Array:
   """conv(xs, ws) of low-precision +-1/0 operands, summed in `accumulator`.
 
-  The same three formulations as `conv2d_nhwc` (im2col on small maps, a
-  matmul for 1x1 stride-1 convs, `lax.conv_general_dilated` otherwise). The
-  matmuls accumulate in `accumulator`, the convolution in float32 (cuDNN's
-  int8 convolutions write float32, not int32); both sums are exact
+  Three formulations: a matmul for 1x1 stride-1 convs; im2col + one matmul
+  (`_conv2d_im2col`) for k x k convs on small maps (as `conv2d_nhwc`) and,
+  on the CPU, for every k x k conv (XLA:CPU has no narrow-integer
+  convolution kernel: `lax.conv_general_dilated` on int8 runs a naive loop,
+  2.9 GFLOP/s against 840-990 GFLOP/s for the int8 matmul on AMX, in
+  docs/performance.md); `lax.conv_general_dilated` otherwise. The matmuls
+  accumulate in `accumulator`, the convolution in float32 (cuDNN's int8
+  convolutions write float32, not int32); both sums are exact
   (|sum| <= k * k * C_in < 2^24).
   """
   k = ws.shape[0]
   if k == 1 and strides == 1 and padding == 0:
     return jnp.einsum("nhwc,co->nhwo", xs, ws[0, 0],
                       preferred_element_type=accumulator)
-  if k > 1 and max(xs.shape[1], xs.shape[2]) <= SMALL_MAP_SIZE:
-    xp = jnp.pad(xs, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    out_h = (xp.shape[1] - k) // strides + 1
-    out_w = (xp.shape[2] - k) // strides + 1
-    patches = jnp.concatenate(
-        [xp[:, a:a + strides * (out_h - 1) + 1:strides,
-            b:b + strides * (out_w - 1) + 1:strides, :]
-         for a in range(k) for b in range(k)], axis=-1)
-    return jnp.einsum("nhwc,co->nhwo", patches,
-                      ws.reshape(k * k * ws.shape[2], ws.shape[3]),
-                      preferred_element_type=accumulator)
+  if k > 1 and (max(xs.shape[1], xs.shape[2]) <= SMALL_MAP_SIZE
+                or jax.default_backend() == "cpu"):
+    return _conv2d_im2col(xs, ws, strides, padding, accumulator)
   return jax.lax.conv_general_dilated(
       xs, ws, window_strides=(strides, strides),
       padding=((padding, padding), (padding, padding)),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from bnn_jax import layers
@@ -150,6 +151,30 @@ def test_tree_max_abs_has_no_overflow_or_underflow():
                                            "b": jnp.asarray([2.0])}))
   assert np.isposinf(train_step.tree_max_abs([jnp.asarray([-jnp.inf, 1.0])]))
   assert float(train_step.tree_max_abs({})) == 0.0
+
+
+def test_tree_reductions_group_the_small_leaves():
+  """grad_norm and the finite check reduce every big leaf on its own and all
+  small leaves as one vector: the same values, one reduction per group."""
+  big = train_step.SMALL_LEAF_SIZE + 7
+  tree = {"kernel": jnp.linspace(-3.0, 2.0, big).reshape(big, 1),
+          "bias": jnp.asarray([0.5, -4.5, 1.0]),
+          "slope": jnp.full((5,), 0.25, jnp.bfloat16),
+          "empty": jnp.zeros((0,)), "scalar": jnp.asarray(-1.5)}
+  groups = train_step.reduction_groups(tree)
+  assert [g.shape for g in groups] == [(big, 1), (3 + 5 + 1,)]
+  assert all(g.dtype == jnp.float32 for g in groups)
+  elements = np.concatenate([np.ravel(np.asarray(x, np.float32))
+                             for x in jax.tree.leaves(tree)])
+  assert float(train_step.tree_max_abs(tree)) == np.abs(elements).max() == 4.5
+  np.testing.assert_allclose(float(train_step.tree_norm(tree)),
+                             float(optax.tree.norm(tree)), rtol=1e-6)
+  np.testing.assert_allclose(float(train_step.tree_norm(tree)),
+                             np.sqrt(np.sum(elements.astype(np.float64) ** 2)),
+                             rtol=1e-6)
+  hlo = jax.jit(train_step.tree_norm).lower(tree).as_text()
+  assert hlo.count("stablehlo.reduce") == 3  # 2 groups + the sum of their sums
+  assert float(train_step.tree_norm({})) == 0.0
 
 
 class OneHotTeacher(nn.Module):

@@ -1,0 +1,75 @@
+"""`python -m benchmarks.paired_steps`: variants parsed, steps alternated, ratios per round."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import paired_steps
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_variant():
+  assert paired_steps.parse_variant("default:") == ("default", {})
+  assert paired_steps.parse_variant(
+      "both:binary_conv_operand_dtype=int8,bn_one_pass_stats=true,"
+      "width_multiplier=0.5,stem_strides=1") == (
+          "both", {"binary_conv_operand_dtype": "int8",
+                   "bn_one_pass_stats": True, "width_multiplier": 0.5,
+                   "stem_strides": 1})
+  for bad in ("default", ":x=1", "a:remat_blocks", "a:=1"):
+    with pytest.raises(ValueError, match="--variant="):
+      paired_steps.parse_variant(bad)
+
+
+def test_steps_alternate_and_ratios_are_per_round():
+  calls = []
+  times = paired_steps.paired_times(
+      [lambda: calls.append("a"), lambda: calls.append("b")], pairs=3)
+  assert calls == ["a", "b"] * 3
+  assert [len(t) for t in times] == [3, 3]
+  rows = paired_steps.summarize(
+      ["a", "b"], [[1.0, 2.0, 4.0], [0.5, 2.5, 2.0]], batch=8)
+  assert [r["variant"] for r in rows] == ["a", "b"]
+  assert rows[0]["speedup_vs_first_median"] == 1.0
+  # Round ratios a/b: 2.0, 0.8, 2.0 -> median 2.0 (the medians' ratio, 2/2, is 1).
+  assert rows[1]["speedup_vs_first_median"] == 2.0
+  assert (rows[1]["speedup_vs_first_min"], rows[1]["speedup_vs_first_max"]) == (
+      0.8, 2.0)
+  assert rows[1]["step_s_median"] == 2.0 and rows[1]["images_per_s"] == 4.0
+
+
+def _run(*args, out=None):
+  command = [sys.executable, "-m", "benchmarks.paired_steps",
+             "--model=reactnet_small", "--batch=8", "--input_size=8",
+             "--num_classes=10", "--input_channels=1", "--pairs=2",
+             "--warmup=1", "--cpu_malloc=glibc", *args]
+  if out:
+    command.append(f"--out={out}")
+  return subprocess.run(command, cwd=_REPO, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_unknown_attribute_is_one_line():
+  run = _run("--variant=a:", "--variant=b:bn_one_pas_stats=true")
+  assert run.returncode == 1
+  lines = [l for l in run.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "has no attribute bn_one_pas_stats" in lines[0]
+
+
+@pytest.mark.slow
+def test_two_variants_of_a_tiny_model(tmp_path):
+  out = tmp_path / "rows.jsonl"
+  run = _run("--variant=default:", "--variant=one_pass:bn_one_pass_stats=true",
+             out=out)
+  assert run.returncode == 0, run.stderr[-2000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["variant"] for r in rows] == ["default", "one_pass"]
+  assert rows[1]["model_overrides"] == {"bn_one_pass_stats": True}
+  assert rows[0]["speedup_vs_first_median"] == 1.0
+  assert all(len(r["step_s"]) == 2 and r["pairs"] == 2 for r in rows)
+  assert all(r["last_loss"] > 0 for r in rows)
+  assert "one_pass" in run.stdout and "vs default" in run.stdout
