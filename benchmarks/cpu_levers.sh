@@ -14,7 +14,9 @@
 # JSON lines with `row` = r<round>_<input>_<config>. Needs torch (CPU).
 #
 # Environment: PYTHON (default: python), NICE (default: 0; the documented
-# rounds used nice -n -10), BNN_CPU_SIZES (default "224 32").
+# rounds used nice -n -10), BNN_CPU_SIZES (default "224 32"), BNN_CPU_LEVERS
+# (default "bn_one_pass remat_blocks bn_one_pass_remat"; empty: only the
+# reference and the defaults).
 
 set -u
 OUTDIR="${1:-cpu_levers}"
@@ -41,10 +43,15 @@ for round in $(seq 1 "$ROUNDS"); do
     row "r${round}_${size}_reference" -- "$PY" -m \
       bnn_jax.interop.torch_reference "${common[@]}"
     row "r${round}_${size}_bnn_jax" -- "${bench[@]}"
-    row "r${round}_${size}_bn_one_pass" -- "${bench[@]}" --bn_one_pass_stats
-    row "r${round}_${size}_remat_blocks" -- "${bench[@]}" --remat_blocks
-    row "r${round}_${size}_bn_one_pass_remat" -- "${bench[@]}" \
-      --bn_one_pass_stats --remat_blocks
+    for lever in ${BNN_CPU_LEVERS-bn_one_pass remat_blocks bn_one_pass_remat}; do
+      case "$lever" in
+        bn_one_pass) args=(--bn_one_pass_stats) ;;
+        remat_blocks) args=(--remat_blocks) ;;
+        bn_one_pass_remat) args=(--bn_one_pass_stats --remat_blocks) ;;
+        *) echo "unknown lever in BNN_CPU_LEVERS: $lever" >&2; exit 2 ;;
+      esac
+      row "r${round}_${size}_${lever}" -- "${bench[@]}" "${args[@]}"
+    done
   done
 done
 "$PY" -m benchmarks.summarize_cpu "$ROWS" | tee "$OUTDIR/summary.md"
