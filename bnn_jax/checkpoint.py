@@ -21,6 +21,7 @@ import logging as py_logging
 import os
 import re
 import sys
+import warnings
 from typing import Any, Optional
 
 from etils import epath
@@ -142,32 +143,61 @@ def _what_is_wrong(step_dir: str, error: BaseException) -> str:
   return f"{type(error).__name__}: {text[:160]}"
 
 
+def _is_failed_restore_leftover(unraisable) -> bool:
+  """An unraisable report left behind by a failed orbax restore.
+
+  Either a TensorStore callback that found orbax's event loop closed
+  (RuntimeError "Event loop is closed"), or one of orbax's own read
+  coroutines, finalized by the garbage collector with the read's error.
+  """
+  if (isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"):
+    return True
+  code = getattr(unraisable.object, "cr_code", None)  # a coroutine's code
+  return code is not None and (
+      f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in code.co_filename)
+
+
 def _ignore_closed_event_loop() -> None:
-  """Silences the "Event loop is closed" reports that follow a failed restore.
+  """Silences the reports at exit that follow a failed restore.
 
   When one read of a restore fails, orbax closes its asyncio event loop
-  while TensorStore is still completing the step's other reads; their
-  callbacks then find the loop closed, and Python reports each at exit as
-  an unraisable RuntimeError with a traceback. Only that exact error is
-  dropped; every other unraisable report goes to the previous hook.
+  while TensorStore is still completing the step's other reads: their
+  callbacks then find the loop closed (reported through sys.excepthook or
+  as unraisable), and the unfinished read coroutines raise their own read
+  errors when the garbage collector finalizes them ("Exception ignored in:
+  <coroutine object ...>"), each with a whole traceback, when depends on
+  the collector's timing. The one-line error already says what failed: only
+  those reports (`_is_failed_restore_leftover`) are dropped, every other
+  unraisable report goes to the previous hook.
   """
   previous = sys.unraisablehook
   if getattr(previous, "ignores_closed_event_loop", False):
     return
 
   def hook(unraisable):
-    if (isinstance(unraisable.exc_value, RuntimeError)
-        and str(unraisable.exc_value) == "Event loop is closed"):
+    if _is_failed_restore_leftover(unraisable):
       return
     previous(unraisable)
 
   hook.ignores_closed_event_loop = True
   sys.unraisablehook = hook
-  # The step's other reads fail too; asyncio reports each such task, when it
-  # is garbage-collected, as "Task exception was never retrieved" with the
-  # whole TensorStore traceback (when depends on the collector's timing).
-  # The one-line error already says what failed.
+  # A TensorStore callback on its own thread prints its error through
+  # sys.excepthook (PyErr_Print): the same closed loop, another route.
+  previous_excepthook = sys.excepthook
+
+  def excepthook(kind, value, traceback):
+    if not (isinstance(value, RuntimeError)
+            and str(value) == "Event loop is closed"):
+      previous_excepthook(kind, value, traceback)
+
+  sys.excepthook = excepthook
+  # asyncio reports each failed task, when it is garbage-collected, as
+  # "Task exception was never retrieved" with the TensorStore traceback,
+  # and Python warns of each read coroutine the closed loop never ran.
   py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
 
 
 def corrupt_checkpoint_error(directory: str, step: int, all_steps,

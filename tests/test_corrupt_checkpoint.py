@@ -18,11 +18,13 @@ is closed" report at exit.
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -193,3 +195,58 @@ def test_cli_one_line_exit_1_no_noise_at_exit(trained, tmp_path):
     assert line.startswith(f"error: checkpoint {step_dir} is corrupt")
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _coroutine_from(filename):
+  namespace = {}
+  exec(compile("async def read():\n  pass\n", filename, "exec"), namespace)
+  return namespace["read"]()
+
+
+def test_failed_restore_leftovers_are_silenced_and_nothing_else(monkeypatch):
+  """After a failed restore, the reports orbax leaves behind (a closed event
+  loop, as unraisable or through sys.excepthook; its read coroutines
+  finalized with the read's error, or never awaited) are dropped; every
+  other report goes on to the previous hook."""
+  seen, excepthook_seen = [], []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  monkeypatch.setattr(sys, "excepthook",
+                      lambda *args: excepthook_seen.append(args[1]))
+  asyncio_logger = logging.getLogger("asyncio")
+  level = asyncio_logger.level
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      checkpoint_lib._ignore_closed_event_loop()
+      checkpoint_lib._ignore_closed_event_loop()  # installed once
+      assert asyncio_logger.level == logging.CRITICAL
+    finally:
+      asyncio_logger.setLevel(level)
+    warnings.warn("coroutine '_read_array_index_and_device_put' was never "
+                  "awaited", RuntimeWarning)
+    warnings.warn("something else", RuntimeWarning)
+  assert [str(w.message) for w in caught] == ["something else"]
+
+  orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint",
+                            "_src", "serialization", "serialization.py")
+  orbax_read = _coroutine_from(orbax_file)
+  other_read = _coroutine_from(os.path.join(os.sep, "elsewhere", "io.py"))
+  report = lambda error, obj: type("Unraisable", (), dict(
+      exc_value=error, object=obj))()
+  reports = [
+      report(RuntimeError("Event loop is closed"), None),
+      report(Exception("Encountered error while reading array index"),
+             orbax_read),
+      report(RuntimeError("something else"), None),
+      report(Exception("Encountered error while reading array index"),
+             other_read),
+  ]
+  for r in reports:
+    sys.unraisablehook(r)
+  assert seen == reports[2:]
+  closed, other = RuntimeError("Event loop is closed"), ValueError("x")
+  sys.excepthook(RuntimeError, closed, None)
+  sys.excepthook(ValueError, other, None)
+  assert excepthook_seen == [other]
+  orbax_read.close()
+  other_read.close()
