@@ -143,6 +143,12 @@ def _what_is_wrong(step_dir: str, error: BaseException) -> str:
   return f"{type(error).__name__}: {text[:160]}"
 
 
+def _is_closed_loop_error(error: BaseException) -> bool:
+  """asyncio's RuntimeError for a callback scheduled on a closed event loop."""
+  return (isinstance(error, RuntimeError)
+          and str(error) == "Event loop is closed")
+
+
 def _is_failed_restore_leftover(unraisable) -> bool:
   """An unraisable report left behind by a failed orbax restore.
 
@@ -150,8 +156,7 @@ def _is_failed_restore_leftover(unraisable) -> bool:
   (RuntimeError "Event loop is closed"), or one of orbax's own read
   coroutines, finalized by the garbage collector with the read's error.
   """
-  if (isinstance(unraisable.exc_value, RuntimeError)
-      and str(unraisable.exc_value) == "Event loop is closed"):
+  if _is_closed_loop_error(unraisable.exc_value):
     return True
   code = getattr(unraisable.object, "cr_code", None)  # a coroutine's code
   return code is not None and (
@@ -187,8 +192,7 @@ def _ignore_closed_event_loop() -> None:
   previous_excepthook = sys.excepthook
 
   def excepthook(kind, value, traceback):
-    if not (isinstance(value, RuntimeError)
-            and str(value) == "Event loop is closed"):
+    if not _is_closed_loop_error(value):
       previous_excepthook(kind, value, traceback)
 
   sys.excepthook = excepthook
