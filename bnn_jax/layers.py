@@ -103,23 +103,68 @@ class RPReLU(nn.Module):
 # loop (docs/performance.md, the XLA:CPU table, has the measurements).
 SMALL_MAP_SIZE = 4
 
+Padding = tuple[tuple[int, int], tuple[int, int]]
 
-def _conv2d_im2col(x: Array, kernel: Array, strides: int, padding: int,
+
+def _used_taps(size: int, k: int, strides: int, padding: int) -> tuple[int, int]:
+  """[first, last + 1) of the kernel taps that read the map in some output.
+
+  Output o reads input index o * strides + t - padding through tap t; a tap
+  that reads the zero padding for every o multiplies zeros only.
+  """
+  out = (size + 2 * padding - k) // strides + 1
+  used = [t for t in range(k)
+          if any(0 <= o * strides + t - padding < size for o in range(out))]
+  return used[0], used[-1] + 1
+
+
+def trim_padding_taps(kernel: Array, map_hw: tuple[int, int], strides: int,
+                      padding: int) -> tuple[Array, Padding]:
+  """The kernel without the taps that only ever read padding, and its padding.
+
+  A 3x3 conv (padding 1) on a 1x1 map reads the map through its centre tap
+  only, and a stride-2 one on a 2x2 map through a 2x2 corner: the other taps
+  multiply zeros, and their gradients are zeros. Slicing them off computes
+  the same sum with k'^2 / k^2 of the work (ReActNet-A's 3x3 convs on the
+  1x1 and 2x2 maps of 32x32 inputs); autodiff pads the gradient of the
+  slice back with zeros. Returns (kernel[a0:a1, b0:b1], ((a_lo, a_hi),
+  (b_lo, b_hi))) with the output size unchanged; the kernel as it is and
+  symmetric `padding` when every tap is used or trimming would need a
+  negative padding.
+  """
+  kh, kw = kernel.shape[:2]
+  whole = ((padding, padding), (padding, padding))
+  (a0, a1), (b0, b1) = (_used_taps(size, k, strides, padding)
+                        for size, k in zip(map_hw, (kh, kw)))
+  if (a0, a1, b0, b1) == (0, kh, 0, kw):
+    return kernel, whole
+  pads = []
+  for size, k, (t0, t1) in zip(map_hw, (kh, kw), ((a0, a1), (b0, b1))):
+    out = (size + 2 * padding - k) // strides + 1
+    lo = padding - t0
+    hi = (out - 1) * strides + (t1 - t0) - size - lo
+    if lo < 0 or hi < 0:
+      return kernel, whole
+    pads.append((lo, hi))
+  return kernel[a0:a1, b0:b1], (pads[0], pads[1])
+
+
+def _conv2d_im2col(x: Array, kernel: Array, strides: int, padding: Padding,
                    preferred_element_type: Optional[Dtype] = None) -> Array:
-  """conv(x, kernel) as k*k strided slices concatenated on channels, then one matmul.
+  """conv(x, kernel) as kh*kw strided slices concatenated on channels, then one matmul.
 
   y[n, i, j, o] = sum_{a, b, c} xpad[n, s*i + a, s*j + b, c] * kernel[a, b, c, o]
   """
-  k = kernel.shape[0]
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  out_h = (xp.shape[1] - k) // strides + 1
-  out_w = (xp.shape[2] - k) // strides + 1
+  kh, kw = kernel.shape[:2]
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  out_h = (xp.shape[1] - kh) // strides + 1
+  out_w = (xp.shape[2] - kw) // strides + 1
   patches = jnp.concatenate(
       [xp[:, a:a + strides * (out_h - 1) + 1:strides,
           b:b + strides * (out_w - 1) + 1:strides, :]
-       for a in range(k) for b in range(k)], axis=-1)
+       for a in range(kh) for b in range(kw)], axis=-1)
   return jnp.einsum("nhwc,co->nhwo", patches,
-                    kernel.reshape(k * k * kernel.shape[2], kernel.shape[3]),
+                    kernel.reshape(kh * kw * kernel.shape[2], kernel.shape[3]),
                     preferred_element_type=preferred_element_type)
 
 
@@ -127,17 +172,20 @@ def conv2d_nhwc(x: Array, kernel: Array, strides: int, padding: int,
                 preferred_element_type: Optional[Dtype] = None) -> Array:
   """2-D convolution, NHWC input, HWIO kernel, zero padding `padding`.
 
+  Taps that only read padding are dropped first (`trim_padding_taps`).
   Small maps (H, W <= SMALL_MAP_SIZE, kernel > 1x1) use `_conv2d_im2col`,
   everything else `lax.conv_general_dilated`; both compute the same sum.
   `preferred_element_type` is the output dtype (None: the operands').
   """
-  k = kernel.shape[0]
-  if k > 1 and max(x.shape[1], x.shape[2]) <= SMALL_MAP_SIZE:
-    return _conv2d_im2col(x, kernel, strides, padding, preferred_element_type)
+  small = (max(kernel.shape[:2]) > 1
+           and max(x.shape[1], x.shape[2]) <= SMALL_MAP_SIZE)
+  kernel, pads = trim_padding_taps(kernel, x.shape[1:3], strides, padding)
+  if small:
+    return _conv2d_im2col(x, kernel, strides, pads, preferred_element_type)
   return jax.lax.conv_general_dilated(
       x, kernel,
       window_strides=(strides, strides),
-      padding=((padding, padding), (padding, padding)),
+      padding=pads,
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
       preferred_element_type=preferred_element_type)
 
@@ -204,7 +252,8 @@ def _integer_conv(xs: Array, ws: Array, strides: int, padding: int,
                       preferred_element_type=accumulator)
   if k > 1 and (max(xs.shape[1], xs.shape[2]) <= SMALL_MAP_SIZE
                 or jax.default_backend() == "cpu"):
-    return _conv2d_im2col(xs, ws, strides, padding, accumulator)
+    ws, pads = trim_padding_taps(ws, xs.shape[1:3], strides, padding)
+    return _conv2d_im2col(xs, ws, strides, pads, accumulator)
   return jax.lax.conv_general_dilated(
       xs, ws, window_strides=(strides, strides),
       padding=((padding, padding), (padding, padding)),

@@ -265,3 +265,53 @@ def test_small_map_conv_equals_lax_conv(size, strides):
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("map_hw,strides,want_taps,want_pads", [
+    ((1, 1), 1, (1, 1), ((0, 0), (0, 0))),  # centre tap only
+    ((2, 2), 2, (2, 2), ((0, 0), (0, 0))),  # the bottom-right 2x2 corner
+    ((1, 4), 1, (1, 3), ((0, 0), (1, 1))),  # rows trimmed, columns kept
+    ((2, 2), 1, (3, 3), ((1, 1), (1, 1))),  # every tap reads the map
+    ((5, 5), 2, (3, 3), ((1, 1), (1, 1))),
+])
+def test_trim_padding_taps(map_hw, strides, want_taps, want_pads):
+  w = jnp.arange(3 * 3 * 2 * 4, dtype=jnp.float32).reshape(3, 3, 2, 4)
+  trimmed, pads = layers.trim_padding_taps(w, map_hw, strides, 1)
+  assert trimmed.shape == want_taps + (2, 4)
+  assert pads == want_pads
+  a0 = 1 if want_taps[0] == 1 else 3 - want_taps[0]
+  b0 = 1 if want_taps[1] == 1 else 3 - want_taps[1]
+  np.testing.assert_array_equal(
+      trimmed, w[a0:a0 + want_taps[0], b0:b0 + want_taps[1]])
+
+
+@pytest.mark.parametrize("map_hw,strides", [((1, 1), 1), ((2, 2), 2),
+                                            ((1, 3), 1), ((3, 1), 2)])
+def test_trimmed_conv_gradients_equal_lax_conv(map_hw, strides):
+  """Dropping the padding-only taps: same output, same input gradient, and
+  a kernel gradient that is exactly zero on the dropped taps."""
+  kx, kw, kg = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(kx, (4,) + map_hw + (6,))
+  w = jax.random.normal(kw, (3, 3, 6, 5))
+
+  def lax_conv(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (strides, strides), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  got, vjp_got = jax.vjp(lambda a, b: layers.conv2d_nhwc(a, b, strides, 1),
+                         x, w)
+  want, vjp_want = jax.vjp(lax_conv, x, w)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(kg, want.shape)
+  (gx, gw), (wx, ww) = vjp_got(g), vjp_want(g)
+  np.testing.assert_allclose(gx, wx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, ww, rtol=1e-5, atol=1e-5)
+  trimmed, _ = layers.trim_padding_taps(jnp.ones((3, 3, 1, 1)), map_hw,
+                                        strides, 1)
+  assert trimmed.size < 9
+  used = np.zeros((3, 3), bool)
+  (a0, a1), (b0, b1) = (layers._used_taps(n, 3, strides, 1) for n in map_hw)
+  used[a0:a1, b0:b1] = True
+  np.testing.assert_array_equal(np.asarray(gw)[~used], 0.0)
+  assert np.all(np.abs(np.asarray(ww)[~used]) == 0.0)
