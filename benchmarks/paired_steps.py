@@ -15,6 +15,15 @@ steps of one round alike, so the per-round ratio first variant / variant
 is the number to compare, its median over the rounds: more robust than
 separate processes run one after the other.
 
+`--reference` adds the PyTorch reference's step 2
+(`bnn_jax.interop.torch_reference`, float32, NCHW; needs torch) as the
+first variant, named `torch_reference`, alternated with the others in the
+same process: the per-round ratios are then the same-run speed-ups of
+docs/performance.md (bnn_jax / reference), taken step by step:
+
+  python -m benchmarks.paired_steps --reference --input_size=32 --batch=64 \
+      --pairs=20 --variant=bnn_jax:
+
 Prints one line per variant (median step, images/s, median of the
 per-round ratios against the first variant, min and max of those ratios,
 the last loss) and, with `--out`, appends one JSON object per variant.
@@ -54,6 +63,26 @@ def define_flags():
   flags.DEFINE_enum("cpu_malloc", "reuse", list(malloc_defaults.MODES),
                     "malloc settings on the CPU (bnn_jax.malloc_defaults).")
   flags.DEFINE_string("out", "", "Append one JSON object per variant here.")
+  flags.DEFINE_bool("reference", False,
+                    "Also time the PyTorch reference's step 2, first.")
+
+
+REFERENCE_NAME = "torch_reference"
+
+
+def reference_step(batch: int, input_size: int, num_classes: int):
+  """The PyTorch reference's step 2 as a callable, or a one-line error."""
+  if (FLAGS.model, FLAGS.phase, FLAGS.dtype, FLAGS.input_channels) != (
+      "reactnet_a", "step2", "float32", 3):
+    cli.fail("--reference times the reference's ReActNet-A step 2 in "
+             "float32 on 3-channel inputs: drop --model/--phase/--dtype/"
+             "--input_channels or --reference")
+  try:
+    from bnn_jax.interop import torch_reference
+  except ImportError as e:
+    cli.fail(f"--reference needs PyTorch ({e}); install it with "
+             "pip install torch==2.13.0 (CPU) or drop --reference")
+  return torch_reference.build_train_step(batch, input_size, num_classes)
 
 
 def parse_value(text: str):
@@ -116,8 +145,9 @@ def main(argv):
   del argv
   with cli.reporting_errors():
     variants = [parse_variant(v) for v in FLAGS.variant]
-    if len(variants) < 2:
-      cli.fail("give at least two --variant=NAME:KEY=VALUE,... to compare")
+    if len(variants) < (1 if FLAGS.reference else 2):
+      cli.fail("give at least two --variant=NAME:KEY=VALUE,... to compare "
+               "(one with --reference)")
     malloc_defaults.apply(FLAGS.cpu_malloc)
     import jax
     from bnn_jax import benchmark
@@ -140,12 +170,21 @@ def main(argv):
       runs.append({"built": built, "state": built.state, "loss": None})
 
     def one_step(run):
+      if "torch_step" in run:
+        run["loss"] = run["torch_step"]()
+        return
       built = run["built"]
       run["state"], metrics = built.compiled(run["state"], built.batch_data,
                                              built.teacher_vars)
       jax.block_until_ready((run["state"], metrics))
       run["loss"] = float(metrics["train/loss"])
 
+    if FLAGS.reference:
+      variants.insert(0, (REFERENCE_NAME, {}))
+      import torch
+      runs.insert(0, {"torch_step": reference_step(
+          FLAGS.batch, FLAGS.input_size, FLAGS.num_classes), "loss": None,
+                      "framework": f"torch {torch.__version__}"})
     for run in runs:
       for _ in range(FLAGS.warmup):
         one_step(run)
@@ -156,9 +195,12 @@ def main(argv):
       row.update({"model_overrides": overrides, "last_loss": run["loss"],
                   "batch": FLAGS.batch, "input_size": FLAGS.input_size,
                   "phase": FLAGS.phase, "dtype": FLAGS.dtype,
-                  "pairs": FLAGS.pairs, "compile_s": run["built"].compile_s,
+                  "pairs": FLAGS.pairs,
+                  "compile_s": (run["built"].compile_s if "built" in run
+                                else None),
                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                  "device": str(jax.devices()[0].device_kind)})
+                  "device": str(jax.devices()[0].device_kind),
+                  "framework": run.get("framework", f"jax {jax.__version__}")})
       print(f"{row['variant']:20s} step {1e3 * row['step_s_median']:8.1f} ms"
             f" | {row['images_per_s']:7.2f} img/s | vs {rows[0]['variant']}:"
             f" {row['speedup_vs_first_median']:.3f}x (median of"

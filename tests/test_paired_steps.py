@@ -73,3 +73,35 @@ def test_two_variants_of_a_tiny_model(tmp_path):
   assert all(len(r["step_s"]) == 2 and r["pairs"] == 2 for r in rows)
   assert all(r["last_loss"] > 0 for r in rows)
   assert "one_pass" in run.stdout and "vs default" in run.stdout
+
+
+def test_reference_needs_reactnet_a_step2():
+  run = _run("--reference", "--variant=a:")  # _run's model is reactnet_small
+  assert run.returncode == 1
+  lines = [l for l in run.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "--reference times the reference's" in lines[0]
+
+
+@pytest.mark.slow
+def test_reference_alternates_with_bnn_jax(tmp_path):
+  """With torch: the reference first, then bnn_jax, each timed every round.
+  Without torch (CI): a one-line error naming the install."""
+  out = tmp_path / "rows.jsonl"
+  run = subprocess.run(
+      [sys.executable, "-m", "benchmarks.paired_steps", "--reference",
+       "--batch=2", "--input_size=32", "--num_classes=10", "--pairs=2",
+       "--warmup=1", "--cpu_malloc=glibc", "--variant=bnn_jax:",
+       f"--out={out}"], cwd=_REPO, capture_output=True, text=True,
+      timeout=900)
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    assert run.returncode == 1
+    assert "pip install torch==2.13.0" in run.stderr.strip().splitlines()[-1]
+    return
+  assert run.returncode == 0, run.stderr[-2000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["variant"] for r in rows] == ["torch_reference", "bnn_jax"]
+  assert rows[0]["framework"].startswith("torch ")
+  assert rows[1]["framework"].startswith("jax ")
+  assert all(len(r["step_s"]) == 2 and r["last_loss"] > 0 for r in rows)

@@ -27,7 +27,7 @@ import json
 import resource
 import statistics
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -158,22 +158,35 @@ class ReActNet(nn.Module):
     return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def benchmark_train_step(batch: int, input_size: int, steps: int = 10,
-                         warmup: int = 2, num_classes: int = 1000) -> dict:
-  """Median time of the step-2 training step: forward, CE, backward, Adam.
+def build_train_step(batch: int, input_size: int,
+                     num_classes: int = 1000) -> Callable[[], float]:
+  """The step-2 training step on one fixed random batch, as a callable.
 
-  Also the process's peak resident memory (`ru_maxrss`, Linux).
+  Each call runs forward, cross-entropy, backward and Adam (the
+  reference's optimizer and rate) and returns the loss.
   """
   model = ReActNet(num_classes).train()
   optimizer = torch.optim.Adam(model.parameters(), lr=1.25e-3)
   images = torch.randn(batch, 3, input_size, input_size)
   labels = torch.randint(0, num_classes, (batch,))
 
-  def step():
+  def step() -> float:
     optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(images), labels).backward()
+    loss = F.cross_entropy(model(images), labels)
+    loss.backward()
     optimizer.step()
+    return float(loss.detach())
 
+  return step
+
+
+def benchmark_train_step(batch: int, input_size: int, steps: int = 10,
+                         warmup: int = 2, num_classes: int = 1000) -> dict:
+  """Median time of the step-2 training step: forward, CE, backward, Adam.
+
+  Also the process's peak resident memory (`ru_maxrss`, Linux).
+  """
+  step = build_train_step(batch, input_size, num_classes)
   for _ in range(warmup):
     step()
   times = []
