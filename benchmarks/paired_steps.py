@@ -8,7 +8,10 @@ Each `--variant=NAME:KEY=VALUE,...` is `bnn_jax.benchmark`'s training step
 (`benchmark.build_step`: ReActNet-A step 2 by default, random data, state
 donated) with those student attributes (`true`/`false`, integers and
 floats are converted, anything else stays a string; `NAME:` alone is the
-default model). All variants are compiled and warmed up first, then each
+default model). Keys that start with `xla_` are XLA options of that
+variant's executable instead (`benchmark.build_step`'s `compiler_options`,
+e.g. `sched:xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`):
+flags compared within one process. All variants are compiled and warmed up first, then each
 round runs one step of every variant in turn, `--pairs` rounds. A machine
 whose speed drifts over minutes (a shared or throttled guest) slows the
 steps of one round alike, so the per-round ratio first variant / variant
@@ -68,6 +71,19 @@ def define_flags():
 
 
 REFERENCE_NAME = "torch_reference"
+XLA_OPTION_PREFIX = "xla_"
+
+
+def model_attributes(overrides: dict) -> dict:
+  """The overrides that are student attributes."""
+  return {k: v for k, v in overrides.items()
+          if not k.startswith(XLA_OPTION_PREFIX)}
+
+
+def xla_options(overrides: dict) -> dict:
+  """The overrides that are XLA options (`xla_...`) of the executable."""
+  return {k: v for k, v in overrides.items()
+          if k.startswith(XLA_OPTION_PREFIX)}
 
 
 def reference_step(batch: int, input_size: int, num_classes: int):
@@ -155,18 +171,25 @@ def main(argv):
 
     fields = models.model_fields(FLAGS.model)
     for name, overrides in variants:
-      unknown = sorted(set(overrides) - set(fields))
+      unknown = sorted(k for k in set(overrides) - set(fields)
+                       if not k.startswith(XLA_OPTION_PREFIX))
       if unknown:
         cli.fail(f"--variant={name}: {FLAGS.model} has no attribute "
                  f"{', '.join(unknown)}; it has {', '.join(sorted(fields))}")
 
     runs = []
     for name, overrides in variants:
-      built = benchmark.build_step(FLAGS.model, FLAGS.batch, FLAGS.input_size,
-                                   phase=FLAGS.phase, dtype=FLAGS.dtype,
-                                   num_classes=FLAGS.num_classes,
-                                   input_channels=FLAGS.input_channels,
-                                   model_overrides=overrides)
+      try:
+        built = benchmark.build_step(
+            FLAGS.model, FLAGS.batch, FLAGS.input_size, phase=FLAGS.phase,
+            dtype=FLAGS.dtype, num_classes=FLAGS.num_classes,
+            input_channels=FLAGS.input_channels,
+            model_overrides=model_attributes(overrides),
+            compiler_options=xla_options(overrides))
+      except jax.errors.JaxRuntimeError as e:
+        if "While setting option" not in str(e):
+          raise
+        cli.fail(f"--variant={name}: {str(e).splitlines()[0]}")
       runs.append({"built": built, "state": built.state, "loss": None})
 
     def one_step(run):

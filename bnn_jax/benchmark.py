@@ -196,8 +196,14 @@ def build_step(model_name: str, batch: int, input_size: int,
                phase: str = "step2", dtype: str = "float32",
                teacher_name: str = "", num_classes: int = 1000,
                input_channels: int = 3,
-               model_overrides: Optional[dict] = None) -> BuiltStep:
+               model_overrides: Optional[dict] = None,
+               compiler_options: Optional[dict] = None) -> BuiltStep:
   """Builds, lowers and compiles the training step `run_benchmark` times.
+
+  `compiler_options` are XLA debug options for this executable only
+  (`jax.stages.Lowered.compile`), e.g.
+  {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}: the
+  XLA_FLAGS of one process, per step function.
 
   The student in `phase` (step1: real weights, step2: binary), Adam as in
   the recipe (coupled weight decay 5e-6 in step 1, none in step 2), the
@@ -267,7 +273,7 @@ def build_step(model_name: str, batch: int, input_size: int,
   t0 = time.perf_counter()
   lowered = step_fn.lower(state, batch_data, teacher_vars)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = lowered.compile(compiler_options or None)
   t2 = time.perf_counter()
   return BuiltStep(compiled=compiled, state=state, batch_data=batch_data,
                    random_batch=random_batch, teacher_vars=teacher_vars,

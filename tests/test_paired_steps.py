@@ -105,3 +105,33 @@ def test_reference_alternates_with_bnn_jax(tmp_path):
   assert rows[0]["framework"].startswith("torch ")
   assert rows[1]["framework"].startswith("jax ")
   assert all(len(r["step_s"]) == 2 and r["last_loss"] > 0 for r in rows)
+
+
+def test_xla_options_are_split_from_model_attributes():
+  overrides = {"bn_one_pass_stats": True,
+               "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+  assert paired_steps.model_attributes(overrides) == {"bn_one_pass_stats": True}
+  assert paired_steps.xla_options(overrides) == {
+      "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def test_bad_xla_option_value_is_one_line():
+  run = _run("--variant=a:", "--variant=b:xla_cpu_scheduler_type=FASTEST")
+  assert run.returncode == 1
+  lines = [l for l in run.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, run.stderr[-2000:]
+  assert "--variant=b:" in lines[0] and "xla_cpu_scheduler_type" in lines[0]
+
+
+@pytest.mark.slow
+def test_xla_option_variant_compiles_its_own_executable(tmp_path):
+  out = tmp_path / "rows.jsonl"
+  run = _run("--variant=default:",
+             "--variant=memsched:xla_cpu_scheduler_type="
+             "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED", out=out)
+  assert run.returncode == 0, run.stderr[-2000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert rows[1]["model_overrides"] == {
+      "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+  # Same model, same data: the scheduler does not change the arithmetic.
+  assert rows[0]["last_loss"] == rows[1]["last_loss"]
