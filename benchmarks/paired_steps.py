@@ -11,8 +11,8 @@ floats are converted, anything else stays a string; `NAME:` alone is the
 default model). Keys that start with `xla_` are XLA options of that
 variant's executable instead (`benchmark.build_step`'s `compiler_options`,
 e.g. `sched:xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`):
-flags compared within one process. All variants are compiled and warmed up first, then each
-round runs one step of every variant in turn, `--pairs` rounds. A machine
+flags compared within one process. All variants are compiled and warmed
+up first, then each round runs one step of every variant in turn, `--pairs` rounds. A machine
 whose speed drifts over minutes (a shared or throttled guest) slows the
 steps of one round alike, so the per-round ratio first variant / variant
 is the number to compare, its median over the rounds: more robust than
@@ -22,7 +22,9 @@ separate processes run one after the other.
 (`bnn_jax.interop.torch_reference`, float32, NCHW; needs torch) as the
 first variant, named `torch_reference`, alternated with the others in the
 same process: the per-round ratios are then the same-run speed-ups of
-docs/performance.md (bnn_jax / reference), taken step by step:
+docs/performance.md (bnn_jax / reference), taken step by step. Both share
+the process's malloc settings (`--cpu_malloc`; `glibc` is the allocator
+the reference has in a process of its own):
 
   python -m benchmarks.paired_steps --reference --input_size=32 --batch=64 \
       --pairs=20 --variant=bnn_jax:
@@ -87,7 +89,7 @@ def xla_options(overrides: dict) -> dict:
 
 
 def reference_step(batch: int, input_size: int, num_classes: int):
-  """The PyTorch reference's step 2 as a callable, or a one-line error."""
+  """(the PyTorch reference's step 2 as a callable, "torch VERSION"), or a one-line error."""
   if (FLAGS.model, FLAGS.phase, FLAGS.dtype, FLAGS.input_channels) != (
       "reactnet_a", "step2", "float32", 3):
     cli.fail("--reference times the reference's ReActNet-A step 2 in "
@@ -98,7 +100,8 @@ def reference_step(batch: int, input_size: int, num_classes: int):
   except ImportError as e:
     cli.fail(f"--reference needs PyTorch ({e}); install it with "
              "pip install torch==2.13.0 (CPU) or drop --reference")
-  return torch_reference.build_train_step(batch, input_size, num_classes)
+  return (torch_reference.build_train_step(batch, input_size, num_classes),
+          f"torch {torch_reference.torch.__version__}")
 
 
 def parse_value(text: str):
@@ -177,6 +180,9 @@ def main(argv):
         cli.fail(f"--variant={name}: {FLAGS.model} has no attribute "
                  f"{', '.join(unknown)}; it has {', '.join(sorted(fields))}")
 
+    if FLAGS.reference:  # before compiling anything: a missing torch fails fast
+      torch_step, framework = reference_step(FLAGS.batch, FLAGS.input_size,
+                                             FLAGS.num_classes)
     runs = []
     for name, overrides in variants:
       try:
@@ -204,10 +210,8 @@ def main(argv):
 
     if FLAGS.reference:
       variants.insert(0, (REFERENCE_NAME, {}))
-      import torch
-      runs.insert(0, {"torch_step": reference_step(
-          FLAGS.batch, FLAGS.input_size, FLAGS.num_classes), "loss": None,
-                      "framework": f"torch {torch.__version__}"})
+      runs.insert(0, {"torch_step": torch_step, "loss": None,
+                      "framework": framework})
     for run in runs:
       for _ in range(FLAGS.warmup):
         one_step(run)

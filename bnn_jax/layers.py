@@ -115,7 +115,7 @@ def _used_taps(size: int, k: int, strides: int, padding: int) -> tuple[int, int]
   out = (size + 2 * padding - k) // strides + 1
   used = [t for t in range(k)
           if any(0 <= o * strides + t - padding < size for o in range(out))]
-  return used[0], used[-1] + 1
+  return (used[0], used[-1] + 1) if used else (0, k)
 
 
 def trim_padding_taps(kernel: Array, map_hw: tuple[int, int], strides: int,
