@@ -174,8 +174,7 @@ def main(argv):
 
     fields = models.model_fields(FLAGS.model)
     for name, overrides in variants:
-      unknown = sorted(k for k in set(overrides) - set(fields)
-                       if not k.startswith(XLA_OPTION_PREFIX))
+      unknown = sorted(set(model_attributes(overrides)) - set(fields))
       if unknown:
         cli.fail(f"--variant={name}: {FLAGS.model} has no attribute "
                  f"{', '.join(unknown)}; it has {', '.join(sorted(fields))}")

@@ -127,26 +127,27 @@ def trim_padding_taps(kernel: Array, map_hw: tuple[int, int], strides: int,
   multiply zeros, and their gradients are zeros. Slicing them off computes
   the same sum with k'^2 / k^2 of the work (ReActNet-A's 3x3 convs on the
   1x1 and 2x2 maps of 32x32 inputs); autodiff pads the gradient of the
-  slice back with zeros. Returns (kernel[a0:a1, b0:b1], ((a_lo, a_hi),
-  (b_lo, b_hi))) with the output size unchanged; the kernel as it is and
-  symmetric `padding` when every tap is used or trimming would need a
+  slice back with zeros. Per axis, taps [t0, t1) with padding
+  lo = padding - t0 before the map and hi = (out - 1) * strides + (t1 - t0)
+  - size - lo after it keep the output size `out`. Returns
+  (kernel[a0:a1, b0:b1], ((a_lo, a_hi), (b_lo, b_hi))); the kernel as it is
+  and symmetric `padding` when every tap is used or trimming would need a
   negative padding.
   """
-  kh, kw = kernel.shape[:2]
   whole = ((padding, padding), (padding, padding))
-  (a0, a1), (b0, b1) = (_used_taps(size, k, strides, padding)
-                        for size, k in zip(map_hw, (kh, kw)))
-  if (a0, a1, b0, b1) == (0, kh, 0, kw):
-    return kernel, whole
-  pads = []
-  for size, k, (t0, t1) in zip(map_hw, (kh, kw), ((a0, a1), (b0, b1))):
+  slices, pads = [], []
+  for size, k in zip(map_hw, kernel.shape[:2]):
+    t0, t1 = _used_taps(size, k, strides, padding)
     out = (size + 2 * padding - k) // strides + 1
     lo = padding - t0
     hi = (out - 1) * strides + (t1 - t0) - size - lo
     if lo < 0 or hi < 0:
       return kernel, whole
+    slices.append(slice(t0, t1))
     pads.append((lo, hi))
-  return kernel[a0:a1, b0:b1], (pads[0], pads[1])
+  if all(t.stop - t.start == k for t, k in zip(slices, kernel.shape[:2])):
+    return kernel, whole  # every tap used: the conv as written
+  return kernel[slices[0], slices[1]], (pads[0], pads[1])
 
 
 def _conv2d_im2col(x: Array, kernel: Array, strides: int, padding: Padding,

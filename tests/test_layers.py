@@ -267,27 +267,28 @@ def test_small_map_conv_equals_lax_conv(size, strides):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("map_hw,strides,want_taps,want_pads", [
-    ((1, 1), 1, (1, 1), ((0, 0), (0, 0))),  # centre tap only
-    ((2, 2), 2, (2, 2), ((0, 0), (0, 0))),  # the bottom-right 2x2 corner
-    ((1, 4), 1, (1, 3), ((0, 0), (1, 1))),  # rows trimmed, columns kept
-    ((2, 2), 1, (3, 3), ((1, 1), (1, 1))),  # every tap reads the map
-    ((5, 5), 2, (3, 3), ((1, 1), (1, 1))),
-])
-def test_trim_padding_taps(map_hw, strides, want_taps, want_pads):
+# (map, stride) -> the taps a 3x3 kernel with padding 1 keeps, as
+# (rows, columns) slices, and the padding of the trimmed conv.
+TRIM_CASES = [
+    ((1, 1), 1, (slice(1, 2), slice(1, 2)), ((0, 0), (0, 0))),  # centre tap
+    ((2, 2), 2, (slice(1, 3), slice(1, 3)), ((0, 0), (0, 0))),  # a 2x2 corner
+    ((1, 4), 1, (slice(1, 2), slice(0, 3)), ((0, 0), (1, 1))),  # rows only
+    ((3, 1), 2, (slice(0, 3), slice(1, 2)), ((1, 1), (0, 0))),  # columns only
+    ((2, 2), 1, (slice(0, 3), slice(0, 3)), ((1, 1), (1, 1))),  # every tap
+    ((5, 5), 2, (slice(0, 3), slice(0, 3)), ((1, 1), (1, 1))),
+]
+
+
+@pytest.mark.parametrize("map_hw,strides,taps,want_pads", TRIM_CASES)
+def test_trim_padding_taps(map_hw, strides, taps, want_pads):
   w = jnp.arange(3 * 3 * 2 * 4, dtype=jnp.float32).reshape(3, 3, 2, 4)
   trimmed, pads = layers.trim_padding_taps(w, map_hw, strides, 1)
-  assert trimmed.shape == want_taps + (2, 4)
+  np.testing.assert_array_equal(trimmed, w[taps])
   assert pads == want_pads
-  a0 = 1 if want_taps[0] == 1 else 3 - want_taps[0]
-  b0 = 1 if want_taps[1] == 1 else 3 - want_taps[1]
-  np.testing.assert_array_equal(
-      trimmed, w[a0:a0 + want_taps[0], b0:b0 + want_taps[1]])
 
 
-@pytest.mark.parametrize("map_hw,strides", [((1, 1), 1), ((2, 2), 2),
-                                            ((1, 3), 1), ((3, 1), 2)])
-def test_trimmed_conv_gradients_equal_lax_conv(map_hw, strides):
+@pytest.mark.parametrize("map_hw,strides,taps", [c[:3] for c in TRIM_CASES])
+def test_trimmed_conv_gradients_equal_lax_conv(map_hw, strides, taps):
   """Dropping the padding-only taps: same output, same input gradient, and
   a kernel gradient that is exactly zero on the dropped taps."""
   kx, kw, kg = jax.random.split(jax.random.key(7), 3)
@@ -307,11 +308,14 @@ def test_trimmed_conv_gradients_equal_lax_conv(map_hw, strides):
   (gx, gw), (wx, ww) = vjp_got(g), vjp_want(g)
   np.testing.assert_allclose(gx, wx, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gw, ww, rtol=1e-5, atol=1e-5)
-  trimmed, _ = layers.trim_padding_taps(jnp.ones((3, 3, 1, 1)), map_hw,
-                                        strides, 1)
-  assert trimmed.size < 9
-  used = np.zeros((3, 3), bool)
-  (a0, a1), (b0, b1) = (layers._used_taps(n, 3, strides, 1) for n in map_hw)
-  used[a0:a1, b0:b1] = True
-  np.testing.assert_array_equal(np.asarray(gw)[~used], 0.0)
-  assert np.all(np.abs(np.asarray(ww)[~used]) == 0.0)
+  dropped = np.ones((3, 3), bool)
+  dropped[taps] = False
+  np.testing.assert_array_equal(np.asarray(gw)[dropped], 0.0)
+
+
+def test_trim_keeps_a_conv_whose_taps_are_all_used():
+  """A stride-2 conv on an even map never reads its last padding row, but
+  every tap is used: it stays as written (padding (1, 1))."""
+  w = jnp.ones((3, 3, 2, 2))
+  trimmed, pads = layers.trim_padding_taps(w, (112, 112), 2, 1)
+  assert trimmed is w and pads == ((1, 1), (1, 1))
