@@ -35,6 +35,13 @@ class CheckpointError(ValueError):
   """A checkpoint is missing, corrupt, truncated or foreign."""
 
 
+class StorageError(OSError):
+  """Writing into the workdir failed: the disk is full, the file system
+  became read-only, the bucket refuses writes. The message is one line that
+  names what could not be written, why, and the last good checkpoint, which
+  is left as it was (nothing is deleted)."""
+
+
 def _manager(directory: epath.Path, max_to_keep: Optional[int] = 2,
              read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
@@ -57,13 +64,41 @@ class Checkpointer:
     return self._mngr.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Writes `state` (a pytree of arrays) and `meta` (JSON) at `step`."""
+    """Writes `state` (a pytree of arrays) and `meta` (JSON) at `step`.
+
+    Raises:
+      StorageError: the write failed (orbax leaves the partial step in a
+        `<step>.orbax-checkpoint-tmp` directory, which restores ignore);
+        the steps saved before are untouched.
+    """
     if step in self._mngr.all_steps():
       return
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                    force=True)
-    self._mngr.wait_until_finished()
+    # A write that fails in TensorStore leaves its other callbacks to find
+    # orbax's event loop closed, each printing a traceback: silence those
+    # before they start (they come before the save raises).
+    _ignore_closed_event_loop()
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                      force=True)
+      self._mngr.wait_until_finished()
+    except Exception as e:  # orbax and TensorStore raise many types.
+      raise self.storage_error(
+          f"the checkpoint of step {step} to {self.directory}", e,
+          failed_step=step) from e
+
+  def storage_error(self, what: str, error: BaseException,
+                    failed_step: Optional[int] = None) -> StorageError:
+    """The one-line error for a failed write of `what` during this phase."""
+    try:  # The listing may fail too (a bucket that refuses everything).
+      kept = sorted(s for s in self._mngr.all_steps() if s != failed_step)
+    except Exception:  # pylint: disable=broad-except
+      kept = None
+    last = ("the steps saved before are kept" if kept is None else
+            f"nothing was deleted: the last good checkpoint is step "
+            f"{kept[-1]} in {self.directory}" if kept else
+            "no checkpoint of this phase was saved yet")
+    return storage_error(what, error, last)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores step `step` into `abstract_state`'s structure and shardings."""
@@ -96,6 +131,9 @@ _JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/_sharding",
 # OCDBT database at local file "<path>": <reason> [tensorstore_spec...]'.
 _TS_FILE = re.compile(r'file "([^"]+)": ')
 _TS_KEY = re.compile(r'Error reading "([^"]+)" in OCDBT database')
+# TensorStore's annotations after a message: " [http_response_code='403']",
+# " [tensorstore_spec='{...}']", ...
+_TS_ANNOTATION = re.compile(r" \[\w+=")
 
 
 def _messages(e: BaseException) -> list[str]:
@@ -141,6 +179,28 @@ def _what_is_wrong(step_dir: str, error: BaseException) -> str:
   text = messages[-1].split(" See full TensorStore details")[0]
   text = " ".join(text.split())
   return f"{type(error).__name__}: {text[:160]}"
+
+
+def storage_error(what: str, error: BaseException, kept: str
+                  ) -> StorageError:
+  """`could not write <what> (<why>); <kept>; fix the storage ... resume`."""
+  return StorageError(
+      f"could not write {what} ({storage_failure(error)}); {kept}; fix the "
+      "storage (free space, write permission) and re-run the same command "
+      "to resume")
+
+
+def storage_failure(error: BaseException) -> str:
+  """Why a write failed, in at most about 200 characters of one line.
+
+  The innermost message of the error chain, without TensorStore's spec
+  and "See full TensorStore details" tail; an OSError keeps its errno text
+  ("[Errno 28] No space left on device: '<path>'").
+  """
+  text = _messages(error)[-1]
+  text = _TS_ANNOTATION.split(text)[0].split(" See full TensorStore details")[0]
+  text = " ".join(text.split())
+  return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _is_closed_loop_error(error: BaseException) -> bool:

@@ -1,5 +1,15 @@
 """What bnn_jax's command-line programs share: one-line errors, quiet logs.
 
+Foreign output. A program's screen shows bnn_jax's own lines, real warnings
+and errors. What other libraries print for information is dropped unless
+`--verbose` is on the command line or `BNN_VERBOSE=1` is in the environment
+(`verbose()`): TensorFlow's start-up INFO lines (written by its C++ logger
+before anything can configure it, so `quiet_imports` filters file
+descriptor 2 while TensorFlow is imported), TFDS progress bars and absl
+records below ERROR (orbax's notes on every save, TFDS's notes on absent
+metadata). Warnings and errors of TensorFlow's C++ logger (`W...`, `E...`,
+`F...` lines) always pass.
+
 Bad input (a config typo, a wrong value, a missing file) ends a program with
 exit status 1 and ONE line on stderr,
 
@@ -16,8 +26,12 @@ instead of a traceback; `--debug` re-raises the exception to show it.
 from __future__ import annotations
 
 import contextlib
+import logging as py_logging
+import os
+import re
 import sys
-from typing import Iterator, NoReturn
+import tempfile
+from typing import Callable, Iterator, NoReturn, Optional
 
 from absl import logging
 
@@ -67,12 +81,101 @@ def reporting_errors(debug: bool = False,
     fail(one_line(e))
 
 
-def quiet_logging(level: int = logging.WARNING) -> None:
-  """Shows absl log records of `level` and above only.
+VERBOSE_ENV = "BNN_VERBOSE"
 
-  At INFO, orbax logs every save and restore with its whole
-  CheckpointManagerOptions; at WARNING it still notes every read-only
-  restore, so programs whose output is one result line (evaluate) pass
-  `logging.ERROR`.
+# Lines of TensorFlow's start-up that only inform: absl's note that it was
+# not initialised, and INFO records ('I' + MMDD, e.g. "I0000 00:00:... port.cc:
+# 153] oneDNN custom operations are on ...") with their continuation lines
+# (cpu_feature_guard's "To enable the following instructions: ...").
+_STARTUP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|I\d{4} |To enable the following instructions:)")
+
+
+def verbose(argv: Optional[list[str]] = None) -> bool:
+  """True when foreign libraries' output should pass unfiltered.
+
+  `--verbose` among the arguments (read before flags are parsed, since
+  the filtering starts before that) or `BNN_VERBOSE=1` in the environment.
   """
+  argv = sys.argv if argv is None else argv
+  return ("--verbose" in argv[1:] or
+          os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes"))
+
+
+@contextlib.contextmanager
+def filtered_stderr(drop: Callable[[str], bool]) -> Iterator[None]:
+  """Captures file descriptor 2 inside; replays the lines `drop` rejects.
+
+  C++ libraries write to the descriptor, not to `sys.stderr`, so the
+  capture is at the descriptor (a temporary file dup2'ed over it).
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      text = capture.read().decode("utf-8", errors="replace")
+      kept = [line for line in text.splitlines(keepends=True)
+              if not drop(line)]
+      if kept:
+        sys.stderr.write("".join(kept))
+        sys.stderr.flush()
+
+
+def quiet_imports() -> None:
+  """Imports TensorFlow with its start-up INFO lines dropped.
+
+  Call it at the top of an entry point, before anything imports
+  TensorFlow (config files do, through the input pipeline). It sets
+  `TF_CPP_MIN_LOG_LEVEL=3` unless set; with `verbose()` it imports
+  TensorFlow unfiltered. A program that never imports TensorFlow pays
+  for the import (about 3 s): call it only where TensorFlow is used.
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if "tensorflow" in sys.modules:
+    return
+  if verbose():
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top
+    return
+  with filtered_stderr(lambda line: bool(_STARTUP_NOISE.match(line))):
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+
+class _DropOrbaxRecords(py_logging.Filter):
+  """Drops orbax's log records, errors included.
+
+  A failed save or restore raises in bnn_jax, which reports it in one line
+  (`checkpoint`); orbax first logs the same failure from each of its
+  threads, with a traceback and the whole TensorStore spec.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_logging(level: Optional[int] = None) -> None:
+  """Shows absl log records of `level` and above only; no TFDS progress bars.
+
+  The default `level` is ERROR (WARNING with `verbose()`): at INFO, orbax
+  logs every save and restore with its whole CheckpointManagerOptions; at
+  WARNING it still notes every read-only restore and TFDS notes absent
+  metadata files. bnn_jax's own warnings go through `warnings.warn`, which
+  this leaves alone. With `verbose()`, TFDS progress bars stay on.
+  """
+  if level is None:
+    level = logging.WARNING if verbose() else logging.ERROR
   logging.set_verbosity(level)
+  absl_logger = py_logging.getLogger("absl")
+  if not verbose() and not any(isinstance(f, _DropOrbaxRecords)
+                               for f in absl_logger.filters):
+    absl_logger.addFilter(_DropOrbaxRecords())
+  if not verbose() and "tensorflow_datasets" in sys.modules:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.display_progress_bar(False)

@@ -86,6 +86,7 @@ import ml_collections  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from bnn_jax import data_service  # noqa: E402
+from bnn_jax import multihost  # noqa: E402
 from bnn_jax import preprocess  # noqa: E402
 from bnn_jax import topology  # noqa: E402
 from bnn_jax.preprocess import default_dataset_config  # noqa: E402,F401
@@ -139,7 +140,7 @@ def _builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder; raises DatasetNotFoundError if there is none."""
   recipe = preprocess.get_recipe(cfg.name)
   if recipe.prepare:
-    return recipe.prepare(cfg.data_dir)
+    return recipe.prepare(cfg.data_dir, report=multihost.report)
   builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
   if not builder.is_prepared():
     data_dir = str(builder.data_dir_root)

@@ -27,10 +27,12 @@ from bnn_jax import cli
 from bnn_jax import malloc_defaults
 from bnn_jax import xla_defaults
 
-# Before TensorFlow / JAX are imported (config files import them): keep TF
-# quiet and use the measured-faster XLA:CPU conv path unless XLA_FLAGS is set.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Before TensorFlow / JAX are imported (config files import them): the
+# measured-faster XLA:CPU conv path unless XLA_FLAGS is set, and TensorFlow
+# imported without its start-up INFO lines (cli.quiet_imports; --verbose
+# shows them).
 xla_defaults.apply()
+cli.quiet_imports()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -42,6 +44,9 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and "
                     "results.json; re-running continues the run in it.")
 flags.DEFINE_bool("debug", False, "Show full tracebacks on errors.")
+flags.DEFINE_bool("verbose", False, "Also show what other libraries print "
+                  "for information (TensorFlow's start-up lines, TFDS "
+                  "progress bars, absl warnings); same as BNN_VERBOSE=1.")
 flags.DEFINE_bool("dry_run", False, "Check the config against this "
                   "topology, trace every phase's shapes and print the plan "
                   "(steps, batches, learning rates, checkpoints); reads no "
@@ -123,6 +128,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     cause = e.__cause__ or e.__context__
     if cause is not None and "earlier failure" in detail:
       detail = cli.one_line(cause)
+    config_file = next((a.split("=", 1)[1].split(":", 1)[0] for a in argv[1:]
+                        if a.startswith("--config=")), "the --config file")
+    if "has no attribute 'get_config'" in detail:
+      cli.fail(f"{config_file} is not a config file (it defines no "
+               f"get_config()); pass one of configs/*.py, e.g. "
+               f"--config=configs/digits.py (`python -m bnn_jax.configs` "
+               f"lists them)")
     if isinstance(e, (AttributeError, KeyError)):
       key = detail.split()[0].strip("'\"") if detail else ""
       bad = [a.split("=", 1)[0] for a in argv[1:]

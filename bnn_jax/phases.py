@@ -189,17 +189,26 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: paths.PathLike,
           f"{workdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
       workdir.rename(aside)
       multihost.report(f"moved the previous run in {workdir} to {aside}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    paths.write_text_atomic(path, json.dumps(current, indent=2,
-                                             sort_keys=True))
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      paths.write_text_atomic(path, json.dumps(current, indent=2,
+                                               sort_keys=True))
+    except OSError as e:
+      raise checkpoint_lib.storage_error(
+          str(path), e, "nothing was deleted") from e
   multihost.barrier("bnn_jax: workdir claimed")
 
 
 def _write_results(workdir: paths.PathLike, results: dict) -> None:
   if multihost.process_index() != 0:  # One writer: the workdir is shared.
     return
-  paths.write_text_atomic(paths.resolve(workdir) / RESULTS_FILE,
-                          json.dumps(results, indent=2))
+  path = paths.resolve(workdir) / RESULTS_FILE
+  try:
+    paths.write_text_atomic(path, json.dumps(results, indent=2))
+  except OSError as e:
+    raise checkpoint_lib.storage_error(
+        str(path), e, "nothing was deleted: the finished phases keep their "
+        "checkpoints and are not trained again") from e
 
 
 def run(config: ml_collections.ConfigDict, workdir: paths.PathLike,

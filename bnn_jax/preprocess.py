@@ -175,10 +175,10 @@ class Recipe:
   eval_split: str
   shuffle_buffer_size: Optional[int]
   # Either how to prepare the data by hand (formatted with data_dir) or a
-  # function that prepares it into data_dir and returns the builder.
+  # function prepare(data_dir, report) that prepares it into data_dir
+  # (calling report with one line when it builds) and returns the builder.
   how_to_prepare: str = ""
-  prepare: Optional[Callable[[Optional[str]],
-                             tfds.core.DatasetBuilder]] = None
+  prepare: Optional[Callable[..., tfds.core.DatasetBuilder]] = None
 
 
 RECIPES = {

@@ -31,6 +31,7 @@ and preemption); the final evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -489,9 +490,22 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
     if meta["last_eval"] is None:
       meta = _with_eval(meta, _evaluate(eval_step, state.variables, config,
                                         batch_sharding), writer, step)
-  finally:
     writer.close()
     ckpt.close()
+  except BaseException as e:
+    # Close what can be closed without masking why the phase stopped; a
+    # failed write into the workdir (metrics, events) becomes one line that
+    # names the last good checkpoint (checkpoint.StorageError).
+    with contextlib.suppress(Exception):
+      writer.close()
+    with contextlib.suppress(Exception):
+      ckpt.close()
+    if (isinstance(e, OSError) and
+        not isinstance(e, checkpoint_lib.StorageError)):
+      what = (str(e.filename) if getattr(e, "filename", None)
+              else f"into {workdir}")
+      raise ckpt.storage_error(what, e) from e
+    raise
   variables = jax.device_get(state.variables)
   return PhaseResult(
       top1=meta["last_eval"]["eval/top1"], top5=meta["last_eval"]["eval/top5"],

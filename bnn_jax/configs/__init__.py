@@ -22,7 +22,8 @@ import os
 import sys
 
 # The runnable configs, by name (the module bnn_jax.configs.<name>);
-# bnn_jax.configs.analysis is the shared base of the two analysis configs.
+# bnn_jax.configs.analysis_base is not a config: the shared base of the two
+# analysis configs.
 NAMES = ("digits", "digits_adam_vs_sgd", "digits_weight_decay", "cifar10",
          "adambnn_imagenet", "reactnet_a_imagenet")
 
@@ -42,8 +43,14 @@ def path(name: str) -> str:
 
 def main(argv: list[str]) -> int:
   """`python -m bnn_jax.configs [NAME[:OPTIONS]]`: one path, or all of them."""
-  if len(argv) > 2:
-    print("usage: python -m bnn_jax.configs [NAME[:OPTIONS]]", file=sys.stderr)
+  usage = ("usage: python -m bnn_jax.configs [NAME[:OPTIONS]]\n"
+           "Prints the path of shipped config NAME (for --config=), or, "
+           "without NAME, every shipped config with its path.")
+  if len(argv) == 2 and argv[1] in ("-h", "--help", "help"):
+    print(usage)
+    return 0
+  if len(argv) > 2 or (len(argv) == 2 and argv[1].startswith("-")):
+    print(usage, file=sys.stderr)
     return 1
   if len(argv) == 2:
     try:

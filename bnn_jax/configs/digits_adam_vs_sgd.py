@@ -26,7 +26,7 @@ weights (mean over step 2) 0.09% with Adam, 2.2% with SGD. One step from
 scratch (seed 0): Adam 0.953, SGD 0.406.
 """
 
-from bnn_jax.configs import analysis
+from bnn_jax.configs import analysis_base
 
 OPTIMIZERS = {
     "adam": dict(name="adam", learning_rate=1.25e-3),
@@ -35,12 +35,12 @@ OPTIMIZERS = {
 
 
 def get_config(arg: str = "adam"):
-  options = analysis.parse_options(arg, set(OPTIMIZERS) | {"onestep",
-                                                           *analysis.DATASETS})
+  options = analysis_base.parse_options(arg, set(OPTIMIZERS) | {"onestep",
+                                                           *analysis_base.DATASETS})
   chosen = [o for o in OPTIMIZERS if o in options]
   if len(chosen) > 1:
     raise ValueError(f"choose one optimizer, not {chosen}")
-  config = analysis.analysis_config(options)
+  config = analysis_base.analysis_config(options)
   config.phases.step2.optimizer.update(OPTIMIZERS[chosen[0] if chosen
                                                   else "adam"])
   if "onestep" in options:

@@ -19,7 +19,7 @@ Expected on digits (seed 0): mean step-1 flip ratio 1.80e-3 at weight decay
 its start 0.768 at 0, 0.758 at 1e-3, 0.717 at 1e-2.
 """
 
-from bnn_jax.configs import analysis
+from bnn_jax.configs import analysis_base
 
 
 def _is_number(text: str) -> bool:
@@ -35,8 +35,8 @@ def get_config(arg: str = "5e-6"):
   decays = [float(o) for o in parts if _is_number(o)]
   if len(decays) > 1:
     raise ValueError(f"give one weight decay, not {decays}")
-  options = analysis.parse_options(
-      ",".join(o for o in parts if not _is_number(o)), set(analysis.DATASETS))
-  config = analysis.analysis_config(options)
+  options = analysis_base.parse_options(
+      ",".join(o for o in parts if not _is_number(o)), set(analysis_base.DATASETS))
+  config = analysis_base.analysis_config(options)
   config.phases.step1.optimizer.weight_decay = decays[0] if decays else 5e-6
   return config

@@ -25,12 +25,15 @@ build the data set into `data_dir` on first use (a no-op when it is there).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import contextlib
+import io
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from sklearn import datasets as sklearn_datasets
 from sklearn import model_selection
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils as tfds_tqdm
 
 __all__ = ["Digits", "NUM_TEST", "prepare", "split_indices", "to_uint8"]
 
@@ -106,12 +109,19 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       yield int(i), {"image": images[i], "label": int(labels[i])}
 
 
-def prepare(data_dir: Optional[str] = None) -> Digits:
+def prepare(data_dir: Optional[str] = None,
+            report: Optional[Callable[[str], None]] = None) -> Digits:
   """Builds `digits` into `data_dir` unless it is already there.
+
+  The build is quiet: TFDS's "Downloading and preparing dataset ..." lines
+  (nothing is downloaded: the data ship with scikit-learn) and progress
+  bars are not shown; `report`, when given, gets one line saying what was
+  built where.
 
   Args:
     data_dir: TFDS data directory; None means TFDS's default
       (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+    report: called with one line after a build (not when already built).
 
   Returns:
     The prepared builder (call `as_dataset` on it).
@@ -119,12 +129,23 @@ def prepare(data_dir: Optional[str] = None) -> Digits:
   builder = Digits(data_dir=data_dir)
   if builder.is_prepared():
     return builder
+  progress_bars = tfds_tqdm._active  # pylint: disable=protected-access
+  tfds.display_progress_bar(False)
   try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   except OSError:
     # Several processes sharing `data_dir` (e.g. a multi-process run on one
     # machine) race to rename their build into place; losing is fine.
     if not Digits(data_dir=data_dir).is_prepared():
       raise
-  return Digits(data_dir=data_dir)
+  finally:
+    tfds.display_progress_bar(progress_bars)
+  builder = Digits(data_dir=data_dir)
+  if report is not None:
+    report(f"digits: built the TFDS data set from scikit-learn's copy "
+           f"({builder.info.splits['train'].num_examples} train / "
+           f"{builder.info.splits['test'].num_examples} test examples) in "
+           f"{builder.data_dir}")
+  return builder

@@ -1,4 +1,6 @@
-"""Shared base of the analysis experiments (docs/analysis.md).
+"""Not a config: the shared base of the analysis experiment configs.
+
+digits_adam_vs_sgd.py and digits_weight_decay.py build on it (docs/analysis.md).
 
 `analysis_config(options)` is the embedded digits default (configs/digits.py:
 teacher -> step 1 -> step 2) with steps 1 and 2 shortened from 40 to
