@@ -92,6 +92,11 @@ _STARTUP_NOISE = re.compile(
     r"|I\d{4} |To enable the following instructions:)")
 
 
+def is_startup_noise(line: str) -> bool:
+  """True for TensorFlow's informational start-up lines (`_STARTUP_NOISE`)."""
+  return bool(_STARTUP_NOISE.match(line))
+
+
 def verbose(argv: Optional[list[str]] = None) -> bool:
   """True when foreign libraries' output should pass unfiltered.
 
@@ -144,7 +149,7 @@ def quiet_imports() -> None:
   if verbose():
     import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top
     return
-  with filtered_stderr(lambda line: bool(_STARTUP_NOISE.match(line))):
+  with filtered_stderr(is_startup_noise):
     import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 

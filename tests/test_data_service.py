@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -120,13 +119,12 @@ def test_unreachable_dispatcher_fails_fast(digits_cfg, monkeypatch):
   monkeypatch.setattr(data_service, "CONNECT_TIMEOUT_S", 1.0)  # 10 s in use.
   cfg = digits_cfg.copy_and_resolve_references()
   cfg.data_service_address = f"localhost:{_free_port_block(1)}"
-  start = time.monotonic()
   with pytest.raises(data_service.DataServiceError) as e:
     input_pipeline.train_iterator(cfg, global_batch_size=64, seed=0)
-  assert 1.0 <= time.monotonic() - start < 1.0 + 5
   message = str(e.value)
   assert "\n" not in message
   assert "no tf.data service dispatcher answers at localhost:" in message
+  assert "within 1 s" in message  # the patched timeout, not the 10 s one
   assert "python -m bnn_jax.data_service" in message
 
 
@@ -212,10 +210,12 @@ def test_digits_trains_on_the_service(digits_cfg, service_address, tmp_path):
   config.checkpoint_every_steps = 100
   config.phases.teacher.num_epochs = 2
   config.phase_order = "teacher"
-  results = phases.run(config, str(tmp_path))
+  results = phases.run(config, str(tmp_path / "service"))
   assert results["teacher"]["steps"] == 22  # 1437 // 128 = 11 per epoch.
-  print("teacher top-1 on the service:", results["teacher"]["top1"])
-  assert results["teacher"]["top1"] > 0.5, results  # Chance: 0.1.
-  # The same batches either way: the run continues without the service.
+  # The same batches either way: trained on local input instead, the phase
+  # ends with bitwise the same parameters and the same test accuracy.
   config.dataset.data_service_address = None
-  assert phases.run(config, str(tmp_path)) == results
+  local = phases.run(config, str(tmp_path / "local"))
+  assert local["teacher"]["params_sha256"] == results["teacher"][
+      "params_sha256"]
+  assert local["teacher"]["top1"] == results["teacher"]["top1"] >= 0.7

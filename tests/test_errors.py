@@ -87,6 +87,48 @@ def test_cli_missing_config_file(tmp_path, monkeypatch, capsys):
   assert "config file 'configs/digts.py' not found" in _error_line(stderr)
 
 
+def test_cli_file_that_is_not_a_config(tmp_path, monkeypatch, capsys):
+  base = os.path.join(REPO, "bnn_jax", "configs", "analysis_base.py")
+  # ml_collections loads every config file as module 'config_config' and
+  # load_module() re-runs a file in that module if it exists: a fresh
+  # process's state, where no earlier config's get_config is left.
+  monkeypatch.delitem(sys.modules, "config_config", raising=False)
+  code, stderr = _main_in_process(monkeypatch, capsys, f"--config={base}",
+                                  f"--workdir={tmp_path / 'run'}")
+  assert code == 1
+  assert _error_line(stderr) == (
+      f"error: {base} is not a config file (it defines no get_config()); "
+      "pass one of configs/*.py, e.g. --config=configs/digits.py "
+      "(`python -m bnn_jax.configs` lists them)")
+  assert not (tmp_path / "run").exists()
+
+
+def test_startup_noise_filter_keeps_warnings_and_errors(capfd, monkeypatch):
+  """What C++ writes to file descriptor 2 while TensorFlow is imported:
+  its INFO lines are dropped, its W/E lines and anything else kept."""
+  monkeypatch.delenv(cli.VERBOSE_ENV, raising=False)
+  noise = [
+      "WARNING: All log messages before absl::InitializeLog() is called "
+      "are written to STDERR\n",
+      "I0000 00:00:1796643704.439527    2781 port.cc:153] oneDNN custom "
+      "operations are on.\n",
+      "I1207 11:41:48.461385 140077 cpu_feature_guard.cc:227] This "
+      "TensorFlow binary is optimized\n",
+      "To enable the following instructions: AVX2 FMA, in other operations"
+      "\n"]
+  kept = ["W1207 11:41:48.461385 140077 file.cc:1] a real warning\n",
+          "E0000 00:00:1.0 1 cuda_dnn.cc:1] a real error\n",
+          "Traceback (most recent call last):\n"]
+  with cli.filtered_stderr(cli.is_startup_noise):
+    for line in noise + kept:
+      os.write(2, line.encode())
+  assert capfd.readouterr().err == "".join(kept)
+  assert not cli.verbose(["main"])
+  assert cli.verbose(["main", "--verbose"])
+  monkeypatch.setenv(cli.VERBOSE_ENV, "1")
+  assert cli.verbose(["main"])
+
+
 def test_analyze_cli_errors_are_one_line(tmp_path, capsys):
   missing = tmp_path / "nope"
   with pytest.raises(SystemExit) as exit_info:

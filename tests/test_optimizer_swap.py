@@ -43,7 +43,9 @@ def check_trained(workdir, base_lr):
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   assert list(results) == ["step2"]
-  assert results["step2"]["top1"] > 0.5, results  # chance: 0.1
+  # 3 epochs of the binary network on the 360 test digits: 0.87-0.89 with
+  # Lion and the registered chain here (chance: 0.1).
+  assert results["step2"]["top1"] >= 0.8, results
   # The per-epoch linear decay, read at the logged steps: epoch e of 3 at
   # base * (1 - (e + 1) / 3), i.e. 2/3, 1/3, 0 of the base rate.
   logged = [(r["step"], r["train/lr"]) for r in step2_records(workdir)

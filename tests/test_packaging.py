@@ -72,6 +72,37 @@ def test_repo_root_configs_are_the_packaged_ones():
     configs.path("digit")
 
 
+def test_configs_dirs_hold_only_configs():
+  """Every configs/*.py (but __init__) is a shipped config with get_config;
+  the shared analysis base is named as what it is, not a config."""
+  from bnn_jax import configs  # noqa: PLC0415
+  root = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
+                if p.stem != "__init__")
+  assert root == sorted(configs.NAMES)
+  packaged = sorted(p.stem for p in (ROOT / "bnn_jax" / "configs").glob("*.py")
+                    if p.stem not in ("__init__", "__main__"))
+  assert packaged == sorted([*configs.NAMES, "analysis_base"])
+  base = load_by_path("analysis_base", str(ROOT / "bnn_jax" / "configs" /
+                                           "analysis_base.py"))
+  assert not hasattr(base, "get_config")
+  assert base.__doc__.startswith("Not a config:")
+
+
+def test_configs_command_usage():
+  from bnn_jax import configs  # noqa: PLC0415
+  for flag in ("--help", "-h"):
+    proc = subprocess.run([sys.executable, "-m", "bnn_jax.configs", flag],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("usage: python -m bnn_jax.configs ")
+  proc = subprocess.run([sys.executable, "-m", "bnn_jax.configs", "--bad"],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 1 and proc.stderr.startswith("usage: ")
+  proc = subprocess.run([sys.executable, "-m", "bnn_jax.configs", "digits"],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 0 and proc.stdout.strip() == configs.path("digits")
+
+
 def build_wheel(out_dir: pathlib.Path) -> pathlib.Path:
   """`pip wheel --no-deps .` of the checkout; the path of the wheel.
 
