@@ -40,8 +40,8 @@ all binary weights (or inputs) of the network, so large layers weigh more:
                small v, which is how it revives dead weights
                (docs/recipe.md#weight-dynamics).
 
-The training hook (`bnn_jax.dynamics_monitor.DynamicsMonitor`, also
-reachable as `dynamics.DynamicsMonitor`) computes them every
+The training hook (`bnn_jax.dynamics_monitor.DynamicsMonitor`, which
+imports this module, never the other way round) computes them every
 `config.dynamics.every` steps with `make_dynamics_step`, a separate jitted
 function (one extra forward and backward pass on the last training batch),
 so the train step itself is unchanged. This module needs no TensorFlow.
@@ -376,15 +376,3 @@ def make_dynamics_step(model: nn.Module, loss_cfg: Any,
 
   return dynamics_step
 
-
-def __getattr__(name: str) -> Any:
-  """`dynamics.DynamicsMonitor`, the training hook, imported on first use.
-
-  The hook writes through clu's metric writers (TensorFlow); it lives in
-  `bnn_jax.dynamics_monitor` so that importing the metrics needs no
-  TensorFlow.
-  """
-  if name == "DynamicsMonitor":
-    from bnn_jax import dynamics_monitor  # pylint: disable=g-import-not-at-top
-    return dynamics_monitor.DynamicsMonitor
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -50,7 +50,7 @@ from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bnn_jax import checkpoint as checkpoint_lib
-from bnn_jax import dynamics
+from bnn_jax import dynamics_monitor as dynamics_monitor_lib
 from bnn_jax import input_pipeline
 from bnn_jax import logs
 from bnn_jax import models
@@ -428,7 +428,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
       every_steps=config.log_every_steps)
   # Weight dynamics (flip-flops, C2I, dead weights): None unless
   # config.dynamics.every is set; its own jitted step, run every N steps.
-  dynamics_monitor = dynamics.DynamicsMonitor.create(
+  dynamics_monitor = dynamics_monitor_lib.DynamicsMonitor.create(
       config, phase_name, phase_index, workdir, model=model,
       teacher_model=teacher_model, state=state, step=step,
       replicated=replicated, writer=writer)
