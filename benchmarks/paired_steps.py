@@ -179,6 +179,15 @@ def main(argv):
         cli.fail(f"--variant={name}: {FLAGS.model} has no attribute "
                  f"{', '.join(unknown)}; it has {', '.join(sorted(fields))}")
 
+    for name, overrides in variants:  # bad XLA options fail before the model compiles
+      if xla_options(overrides):
+        try:
+          jax.jit(lambda x: x + 1).lower(1.0).compile(xla_options(overrides))
+        except jax.errors.JaxRuntimeError as e:
+          if "While setting option" not in str(e):
+            raise
+          cli.fail(f"--variant={name}: {str(e).splitlines()[0]}")
+
     if FLAGS.reference:  # before compiling anything: a missing torch fails fast
       torch_step, framework = reference_step(FLAGS.batch, FLAGS.input_size,
                                              FLAGS.num_classes)
