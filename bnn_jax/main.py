@@ -15,7 +15,11 @@ directory or `gs://bucket/dir` (`bnn_jax.paths`).
 
 Exit status: 0 done; 1 bad input or a failed run (one-line error, `--debug`
 shows the traceback); 143 stopped on SIGTERM/preemption after saving a
-checkpoint (re-run the same command to resume).
+checkpoint (re-run the same command to resume); 75 another process was lost
+(a host died; one line names it; re-run the same command to resume from the
+last checkpoint). A multi-process run trains in a child of a small
+supervisor process that turns JAX's C++ abort on a lost process into that
+line (`multihost.supervise`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 
 from bnn_jax import cli
 from bnn_jax import malloc_defaults
+from bnn_jax import multihost
 from bnn_jax import xla_defaults
 
 # Before TensorFlow / JAX are imported (config files import them): the
@@ -68,6 +73,13 @@ flags.DEFINE_integer("num_processes", None, "Number of processes of a manual "
                      "multi-process launch.")
 flags.DEFINE_integer("process_id", None, "This process's index (0 .. "
                      "num_processes - 1) in a manual multi-process launch.")
+flags.DEFINE_integer("distributed_heartbeat_timeout",
+                     multihost.DEFAULT_HEARTBEAT_TIMEOUT_S,
+                     "Multi-process runs: seconds without a heartbeat after "
+                     "which a process counts as dead and the others stop "
+                     f"(exit {multihost.EXIT_HOST_LOST}). Shorter detects a "
+                     "dead host sooner; too short stops runs whose hosts "
+                     "stall (swap, network). See docs/scaling.md.")
 
 EXIT_PREEMPTED = 143
 
@@ -82,10 +94,10 @@ def _run(argv) -> int:
   applied = malloc_defaults.apply(FLAGS.config.cpu_malloc)
   import jax  # noqa: F401  (after flags: lets XLA_FLAGS set by launchers apply)
 
-  from bnn_jax import multihost
   # Before anything touches a device.
   started = multihost.initialize(FLAGS.distributed, FLAGS.coordinator_address,
-                                 FLAGS.num_processes, FLAGS.process_id)
+                                 FLAGS.num_processes, FLAGS.process_id,
+                                 FLAGS.distributed_heartbeat_timeout)
   if started:  # Every process: the line that shows it joined.
     print(f"distributed: {started}", flush=True)
   if applied:
@@ -150,10 +162,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   with cli.reporting_errors(debug=FLAGS.debug):
-    code = _run(argv)
+    with multihost.stopping_on_peer_loss(debug=FLAGS.debug):
+      code = _run(argv)
   sys.exit(code)
 
 
 if __name__ == "__main__":
+  if multihost.wants_supervisor(sys.argv):  # Several processes: see there.
+    sys.exit(multihost.supervise(
+        [sys.executable, "-m", "bnn_jax.main", *sys.argv[1:]],
+        debug="--debug" in sys.argv))
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=parse_flags)

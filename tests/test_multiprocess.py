@@ -102,11 +102,136 @@ def test_initialize_does_nothing_for_one_process():
     (dict(coordinator_address="h:1", num_processes=0, process_id=0),
      "--num_processes=0 must be >= 1"),
     (dict(mode="sometimes"), "--distributed='sometimes'"),
+    (dict(coordinator_address="h:1", num_processes=2, process_id=0,
+          heartbeat_timeout_s=0),
+     "--distributed_heartbeat_timeout=0 must be a whole number of seconds"),
 ])
 def test_initialize_rejects_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):
     multihost.initialize(environ={}, **kwargs)
   assert not jax.distributed.is_initialized()
+
+
+# ---------------------------------------------------------------------------
+# bnn_jax.multihost: a lost process (the end-to-end runs: test_host_loss.py).
+# ---------------------------------------------------------------------------
+# What jaxlib 0.10.2 printed in the runs of test_host_loss.py.
+_HEARTBEAT = ("Barrier result: 'INTERNAL: Barrier failed because: task is set "
+              "to ERROR: UNAVAILABLE: Task 1 heartbeat timeout. This "
+              "indicates that the remote task has failed")
+_UNHEALTHY = ("Use error polling to propagate the following error to all "
+              "tasks: UNAVAILABLE: The following tasks are unhealthy (stopped "
+              "sending heartbeats):\n3\nThe tasks have crashed.")
+_LEADER = ("absl::Status: UNAVAILABLE: Failed to send RPC to coordination "
+           "service. Either the leader task was preempted/died/restarted "
+           "unexpectedly or this task is experiencing network issues.")
+_GLOO = ("UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/"
+         "pair.cc:538] Read error [127.0.0.1]:41906: Connection reset by peer")
+
+
+@pytest.mark.parametrize("text,num_processes,index,expected", [
+    (_HEARTBEAT, 4, 0, 1),
+    (_UNHEALTHY, 4, 0, 3),
+    (_LEADER, 4, 2, 0),
+    (_GLOO, 2, 1, 0),  # Two processes: the other one.
+    (_GLOO, 2, 0, 1),
+    (_GLOO, 4, 0, None),  # Gloo names an address, not a process.
+    (_GLOO, None, None, None),
+])
+def test_lost_process_is_read_from_the_error(text, num_processes, index,
+                                             expected):
+  assert multihost.is_peer_loss(text)
+  assert multihost.lost_process(text, num_processes, index) == expected
+
+
+def test_lost_line_names_the_process_and_the_fix():
+  assert multihost.lost_line(1, 0) == (
+      "error: lost process 1 (its host died, it was killed or it stopped "
+      "answering); the last checkpoint is intact: re-run the same command "
+      "to resume")
+  assert multihost.lost_line(0, 3).startswith("[process 3] error: lost "
+                                              "process 0 (")
+  assert multihost.lost_line(None, 2).startswith("[process 2] error: lost "
+                                                 "another process (")
+
+
+def test_other_errors_are_no_peer_loss():
+  assert not multihost.is_peer_loss("config.batch_size=30 must be a positive "
+                                    "multiple of the device count 4")
+  # Alone, even a peer-loss message passes through (nothing to stop).
+  with pytest.raises(ValueError, match="Gloo"):
+    with multihost.stopping_on_peer_loss():
+      raise ValueError(_GLOO)
+
+
+@pytest.mark.parametrize("argv,environ,expected", [
+    (["--config=c.py", "--workdir=w"], {}, False),
+    (["--coordinator_address=h:1", "--num_processes=2", "--process_id=0"],
+     {}, True),
+    (["--process_id", "1"], {}, True),
+    (["--distributed=on"], {}, True),
+    (["--distributed", "on"], {}, True),
+    (["--config=c.py"], _SLURM, True),
+    (["--distributed=off"], _SLURM, False),
+    (["--nodistributed"], _SLURM, False),
+    (["--process_id=0"], {multihost.SUPERVISOR_ENV: "child"}, False),
+    (["--process_id=0"], {multihost.SUPERVISOR_ENV: "off"}, False),
+])
+def test_wants_supervisor(argv, environ, expected):
+  assert multihost.wants_supervisor(["main.py", *argv], environ) is expected
+
+
+# A child as JAX's fatal-error path leaves it: it names itself to the
+# supervisor, logs, then aborts with a C++ stack and Python's fault dump.
+_ABORTING_CHILD = f"""
+import os, sys
+print({multihost._ANNOUNCE!r} + "1 of 3", file=sys.stderr, flush=True)
+print("a warning before", file=sys.stderr, flush=True)
+print("stdout goes through", flush=True)
+print("E1207 coordination_service_agent.cc:289] Polled an error", file=sys.stderr)
+print({_LEADER!r}, file=sys.stderr)
+print("*** Check failure stack trace: ***", file=sys.stderr)
+print("Fatal Python error: Aborted", file=sys.stderr, flush=True)
+os.abort()
+"""
+
+
+def _supervised(code, debug=False):
+  script = ("import sys\nfrom bnn_jax import multihost\n"
+            "sys.exit(multihost.supervise([sys.executable, '-c', sys.argv[1]],"
+            f" debug={debug}))")
+  return subprocess.run([sys.executable, "-c", script, code],
+                        capture_output=True, text=True, timeout=60, cwd=_REPO,
+                        env={**os.environ, multihost.SUPERVISOR_ENV: ""})
+
+
+def test_supervisor_turns_the_abort_into_one_line():
+  result = _supervised(_ABORTING_CHILD)
+  assert result.returncode == multihost.EXIT_HOST_LOST == 75
+  assert result.stdout == "stdout goes through\n"
+  assert result.stderr.splitlines() == [
+      "a warning before", multihost.lost_line(0, 1)]
+  # --debug shows everything, then the line.
+  result = _supervised(_ABORTING_CHILD, debug=True)
+  assert result.returncode == 75
+  assert "Fatal Python error: Aborted" in result.stderr
+  assert result.stderr.splitlines()[-1] == multihost.lost_line(0, 1)
+
+
+@pytest.mark.parametrize("code,status,stderr", [
+    ("import sys; print('error: bad', file=sys.stderr); sys.exit(1)", 1,
+     "error: bad\n"),
+    ("import os, sys; print('stopped: preempted', file=sys.stderr); "
+     "sys.exit(143)", 143, "stopped: preempted\n"),
+    # A coordination-service line, then a normal exit: shown after all.
+    ("import sys; print('E1 coordination_service.cc] slow', "
+     "file=sys.stderr); print('then this', file=sys.stderr)", 0,
+     "E1 coordination_service.cc] slow\nthen this\n"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 137, ""),
+])
+def test_supervisor_passes_other_endings_through(code, status, stderr):
+  result = _supervised(code)
+  assert (result.returncode, result.stderr) == (status, stderr)
 
 
 # ---------------------------------------------------------------------------
