@@ -32,12 +32,9 @@ from bnn_jax import malloc_defaults
 from bnn_jax import multihost
 from bnn_jax import xla_defaults
 
-# Before TensorFlow / JAX are imported (config files import them): the
-# measured-faster XLA:CPU conv path unless XLA_FLAGS is set, and TensorFlow
-# imported without its start-up INFO lines (cli.quiet_imports; --verbose
-# shows them).
+# Before JAX is imported: the measured-faster XLA:CPU conv path unless
+# XLA_FLAGS is set.
 xla_defaults.apply()
-cli.quiet_imports()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -172,5 +169,9 @@ if __name__ == "__main__":
     sys.exit(multihost.supervise(
         [sys.executable, "-m", "bnn_jax.main", *sys.argv[1:]],
         debug="--debug" in sys.argv))
+  # Before the flags load the config file (which imports TensorFlow):
+  # TensorFlow without its start-up INFO lines (--verbose shows them). The
+  # supervisor above never imports it.
+  cli.quiet_imports()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=parse_flags)
