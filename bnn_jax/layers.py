@@ -368,6 +368,9 @@ class BinaryConv(nn.Module):
     kernel_binarizer: name in `binary.WEIGHT_BINARIZERS` ("scaled_sign" =
       alpha * sign(W), the reference), or None for real weights (step 1).
     zero_to: sign(0) for both binarisers.
+    input_binarizer_kwargs / kernel_binarizer_kwargs: extra arguments of the
+      binarisers as (name, value) pairs, e.g. (("clip", 1.25),) for
+      QuickNet's `ste_sign`; () = the binariser's defaults.
     kernel_init: initializer of the latent kernel (reference: U[0, 0.001)).
     dtype: computation dtype of the conv's operands (parameters stay
       float32). Below float32 the output is the float32 sum
@@ -384,6 +387,8 @@ class BinaryConv(nn.Module):
   input_binarizer: Optional[str] = "approx_sign"
   kernel_binarizer: Optional[str] = "scaled_sign"
   zero_to: float = 1.0
+  input_binarizer_kwargs: tuple[tuple[str, Any], ...] = ()
+  kernel_binarizer_kwargs: tuple[tuple[str, Any], ...] = ()
   kernel_init: Callable[..., Array] = reference_kernel_init
   dtype: Dtype = jnp.float32
   operand_dtype: Optional[str] = None
@@ -402,11 +407,13 @@ class BinaryConv(nn.Module):
     kernel = self.param("kernel", self.kernel_init,
                         (k, k, x.shape[-1], self.features), jnp.float32)
     if self.kernel_binarizer is not None:
-      kernel = binary.get_weight_binarizer(self.kernel_binarizer,
-                                           self.zero_to)(kernel)
+      kernel = binary.get_weight_binarizer(
+          self.kernel_binarizer, self.zero_to,
+          **dict(self.kernel_binarizer_kwargs))(kernel)
     if self.input_binarizer is not None:
-      binarize = binary.get_activation_binarizer(self.input_binarizer,
-                                                 self.zero_to)
+      binarize = binary.get_activation_binarizer(
+          self.input_binarizer, self.zero_to,
+          **dict(self.input_binarizer_kwargs))
       if self.is_mutable_collection("intermediates"):
         self.sow("intermediates", BINARIZER_STATS_KEY,
                  binarizer_input_stats(binarize, x))
@@ -451,6 +458,10 @@ class BatchNorm(nn.Module):
   against the spread, the two large terms cancel and bfloat16 keeps none of
   the difference.
 
+  `use_scale=False` / `use_bias=False` drop `scale` (as 1) / `bias` (as 0)
+  from the parameters (Keras `BatchNormalization(scale=False,
+  center=False)`, in QuickNet's stem).
+
   `one_pass_stats=True` computes var_B = mean(x^2) - mu_B^2 (clamped at 0),
   so both statistics come from one pass over x (two reductions XLA can fuse
   into one kernel) instead of mean((x - mu_B)^2), which needs mu_B first;
@@ -463,13 +474,17 @@ class BatchNorm(nn.Module):
   scale_init: Callable[..., Array] = nn.initializers.ones
   dtype: Optional[Dtype] = None
   one_pass_stats: bool = False
+  use_scale: bool = True
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     c = x.shape[-1]
     out_dtype = x.dtype if self.dtype is None else self.dtype
-    scale = self.param("scale", self.scale_init, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    scale = (self.param("scale", self.scale_init, (c,), jnp.float32)
+             if self.use_scale else jnp.ones((c,), jnp.float32))
+    bias = (self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+            if self.use_bias else jnp.zeros((c,), jnp.float32))
     ra_mean = self.variable("batch_stats", "mean",
                             lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var",

@@ -207,6 +207,15 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
   return tree
 
 
+def _get_or_empty(tree: dict, path: tuple[str, ...]) -> Any:
+  """tree[path], or {} where some name of the path is absent."""
+  for name in path:
+    if name not in tree:
+      return {}
+    tree = tree[name]
+  return tree
+
+
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   for name in path[:-1]:
     tree = tree.setdefault(name, {})
@@ -232,10 +241,11 @@ def _fold(scale, bias, mean, var, epsilon):
 
 
 def binary_weight_scale(kernel: np.ndarray, binarizer: str) -> np.ndarray:
-  """alpha_o = mean |W[..., o]| for 'scaled_sign' (by jax), 1 for 'sign'."""
-  if binarizer == "sign":
+  """alpha_o = mean |W[..., o]| for 'scaled_sign' and 'magnitude_aware_sign'
+  (by jax), 1 for 'sign' and 'ste_sign'."""
+  if binarizer in ("sign", "ste_sign"):
     return np.ones(kernel.shape[-1], np.float32)
-  if binarizer != "scaled_sign":
+  if binarizer not in ("scaled_sign", "magnitude_aware_sign"):
     raise ValueError(f"no packed form for kernel binarizer {binarizer!r}")
   return np.asarray(_mean_abs(kernel), np.float32)
 
@@ -246,8 +256,10 @@ def fold_batch_norm(module: BatchNorm, params: dict, stats: dict
 
   m = rsqrt(var + eps) * scale, o = bias - mean * m.
   """
-  m, o = _fold(params["scale"], params["bias"], stats["mean"], stats["var"],
-               float(module.epsilon))
+  c = stats["mean"].shape[-1]
+  m, o = _fold(params.get("scale", np.ones(c, np.float32)),
+               params.get("bias", np.zeros(c, np.float32)), stats["mean"],
+               stats["var"], float(module.epsilon))
   return np.asarray(m, np.float32), np.asarray(o, np.float32)
 
 
@@ -282,10 +294,11 @@ def pack_variables(model: nn.Module, variables: dict,
   for layer in trace_layers(model, input_shape):
     module = layer.module
     if isinstance(module, BatchNorm):
-      m, o = fold_batch_norm(module, _get(params, layer.path),
-                             _get(stats, layer.path))
+      own = _get_or_empty(params, layer.path)  # {} without scale and bias
+      m, o = fold_batch_norm(module, own, _get(stats, layer.path))
       _set(packed, layer.path, {"multiplier": m, "offset": o})
-      _drop(params, layer.path)
+      if own:
+        _drop(params, layer.path)
     elif isinstance(module, BinaryConv) and not module.binary_weights:
       k = module.kernel_size
       real.append({

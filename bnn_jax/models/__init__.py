@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
+from bnn_jax.models import quicknet
 from bnn_jax.models.reactnet import REACTNET_A_CHANNELS, ReActNet18, ReActNetA
 from bnn_jax.models.resnet import ResNet
 
@@ -40,6 +41,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
                                         stem="small"),
     "resnet_small": functools.partial(ResNet, stage_sizes=(1, 1, 1),
                                       widths=(32, 64, 128), stem="small"),
+    # Larq Zoo models (docs/models.md), layer for layer.
+    "quicknet_small": functools.partial(quicknet.QuickNet,
+                                        **quicknet.QUICKNET_SMALL),
+    "quicknet": functools.partial(quicknet.QuickNet, **quicknet.QUICKNET),
+    "quicknet_large": functools.partial(quicknet.QuickNet,
+                                        **quicknet.QUICKNET_LARGE),
 }
 
 
