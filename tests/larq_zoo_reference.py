@@ -84,7 +84,8 @@ def randomize(model, rng):
     values = []
     for weight in layer.weights:
       shape, leaf = weight.shape.as_list(), weight.name.split("/")[-1]
-      if not weight.trainable and "moving" not in leaf:
+      trainable = any(weight is w for w in layer.trainable_weights)
+      if not trainable and "moving" not in leaf:
         values.append(weight.numpy())  # a fixed kernel (QuickNet's blur)
       elif "moving_mean" in leaf:
         values.append(rng.normal(0, 0.5, shape))
