@@ -68,7 +68,9 @@ def test_expected_layout_of_quicknet_small():
   assert len(layers) == 48
   assert [l.kind for l in layers[:7]] == [
       "conv", "batch_norm", "depthwise", "batch_norm", "conv", "batch_norm",
-      "conv"]
+      "binary_conv"]
+  assert [l.keras_name for l in layers[:3]] == [
+      "quant_conv2d", "batch_normalization", "quant_depthwise_conv2d"]
   assert layers[3].weights == {  # the unscaled stem BN: statistics only
       "moving_mean": ("batch_stats", "mean", (8,)),
       "moving_variance": ("batch_stats", "var", (8,))}
@@ -82,18 +84,31 @@ def test_expected_layout_of_quicknet_small():
                                 / 16)
 
 
-def test_h5_is_read_in_file_order_and_tensors_placed(tmp_path):
+def test_h5_is_read_in_file_order_and_matched_by_class_and_number(tmp_path):
   path = str(tmp_path / "w.h5")
   stem = _stem_layers()
-  _write_keras_h5(path, stem + [("activation", {})])
+  # Keras' topological order may differ from the creation order; the
+  # numbers give the latter: batch_normalization_7 before _8.
+  bn = dict(stem[1][1])
+  stem_bn_8 = ("batch_normalization_8", {
+      "moving_mean": np.zeros(8), "moving_variance": np.ones(8) * 3})
+  _write_keras_h5(path, [stem[0], stem_bn_8, stem[2], stem[1],
+                         ("activation", {})])
   found = larq_import.read_h5(path)
-  assert [n for n, _ in found] == [n for n, _ in stem]  # no weightless layers
-  expected = larq_import.expected_layers("quicknet_small")[:3]
+  assert [n for n, _ in found] == [  # no weightless layers
+      "quant_conv2d_7", "batch_normalization_8", "quant_depthwise_conv2d_2",
+      "batch_normalization_7"]
   with pytest.raises(larq_import.LarqWeightsMismatchError,
-                     match="the file has 3 layers with weights, the model 48"):
+                     match="the file has 1 quant_conv2d layers, the model 21"):
     larq_import.from_layers(found, "quicknet_small")
-  # The three that are there: placed and transposed as documented.
-  assert larq_import._problems(expected, found) == []  # pylint: disable=protected-access
+  expected = larq_import.expected_layers("quicknet_small")[:4]
+  pairs, problems = larq_import.match(expected, found)
+  assert problems == []
+  assert [(l.path, n) for l, n, _ in pairs] == [
+      (("stem_conv",), "quant_conv2d_7"), (("stem_bn",), "batch_normalization_7"),
+      (("stem_depthwise_bn",), "batch_normalization_8"),
+      (("stem_depthwise",), "quant_depthwise_conv2d_2")]
+  np.testing.assert_array_equal(pairs[1][2]["gamma"], np.float32(bn["gamma"]))
 
 
 def test_mismatches_are_named(tmp_path):
@@ -104,11 +119,15 @@ def test_mismatches_are_named(tmp_path):
   _write_keras_h5(path, stem)
   with pytest.raises(larq_import.LarqWeightsMismatchError) as err:
     larq_import.load(path, "quicknet_small")
-  message = str(err.value)
-  assert ("layer 0 'quant_conv2d' (for conv stem_conv): kernel has shape "
-          "(3, 3, 3, 16), expected (3, 3, 3, 8)") in message
-  assert ("layer 1 'dense_3' (for batch_norm stem_bn): expected a Keras "
-          "batch_normalization layer") in message
+  assert err.value.problems == [
+      "the file has 1 quant_conv2d layers, the model 21",
+      "layer 'quant_conv2d' (for conv stem_conv): kernel has shape "
+      "(3, 3, 3, 16), expected (3, 3, 3, 8)",
+      "the file has 0 batch_normalization layers, the model 22",
+      "the file has 0 depthwise_conv2d layers, the model 3",
+      "the file has 0 quant_dense layers, the model 1",
+      "unexpected dense layers in the file: ['dense_3']"]
+  assert str(err.value).endswith(" ...")
 
 
 def test_bad_files_and_names(tmp_path):
@@ -123,8 +142,8 @@ def test_bad_files_and_names(tmp_path):
   with pytest.raises(ValueError, match="save_weights"):
     larq_import.read_h5(str(tmp_path / "plain.h5"))
   with pytest.raises(ValueError, match=r"no Larq Zoo layout .*'reactnet_a'.*"
-                     r"supported: \['quicknet', 'quicknet_large', "
-                     r"'quicknet_small'\]"):
+                     r"supported: \['binary_resnet_e18', 'birealnet18', "
+                     r"'quicknet', 'quicknet_large', 'quicknet_small'\]"):
     larq_import.expected_layers("reactnet_a")
 
 
@@ -134,9 +153,9 @@ def _run(*args, timeout=300):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-def _larq_reference(tmp_path, name, seed):
+def _larq_reference(tmp_path, name, seed, size=32):
   h5, npz = str(tmp_path / f"{name}.h5"), str(tmp_path / f"{name}.npz")
-  proc = _run(LCE_PYTHON, REFERENCE, "save", name, "--size=32",
+  proc = _run(LCE_PYTHON, REFERENCE, "save", name, f"--size={size}",
               "--classes=10", f"--seed={seed}", f"--h5={h5}", f"--npz={npz}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   return h5, np.load(npz)
@@ -156,11 +175,14 @@ def _check_logits(got, want):
 
 @pytest.mark.slow
 @needs_larq
-@pytest.mark.parametrize("name,seed", [("quicknet_small", 0),
-                                       ("quicknet_large", 2)])
-def test_imported_quicknet_computes_the_larq_logits(tmp_path, name, seed):
-  h5, ref = _larq_reference(tmp_path, name, seed)
-  variables = larq_import.load(h5, name)
+@pytest.mark.parametrize("name,seed,size", [
+    ("quicknet_small", 0, 32), ("quicknet_large", 2, 32),
+    ("birealnet18", 3, 64),  # stride-2 SAME: asymmetric (0, 1) zero padding
+    ("binary_resnet_e18", 4, 64),  # the ImageNet stem (input >= 50)
+    ("binary_resnet_e18", 5, 32)])  # Larq's small-input stem
+def test_imported_model_computes_the_larq_logits(tmp_path, name, seed, size):
+  h5, ref = _larq_reference(tmp_path, name, seed, size)
+  variables = larq_import.load(h5, name, input_size=size)
   model = models.create(name, num_classes=10)
   got = jax.jit(lambda v, x: model.apply(v, x, train=False))(
       variables, ref["images"])
@@ -196,8 +218,8 @@ def test_import_cli_checkpoint_evaluates_as_keras(tmp_path):
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: the weights do not fit 'quicknet_small'")
-  assert "stem_conv): kernel has shape (3, 3, 3, 16), expected (3, 3, 3, 8)" \
-      in last
+  assert "(for conv stem_conv): kernel has shape (3, 3, 3, 16), expected " \
+      "(3, 3, 3, 8)" in last
   proc = _run(*cli, "--model=quicknett", f"--weights={h5}",
               f"--out={tmp_path / 'x'}")
   assert proc.returncode == 1

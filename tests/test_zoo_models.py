@@ -36,8 +36,11 @@ LARQ_TOTALS = {
     "quicknet_small": (12_655_688, 11_980_800, 1_156_055_040, 15_941_120),
     "quicknet": (13_234_088, 12_533_760, 1_849_688_064, 29_651_712),
     "quicknet_large": (23_342_248, 22_634_496, 3_699_376_128, 29_651_712),
+    "birealnet18": (11_689_512, 10_985_472, 1_676_279_808, 137_793_536),
+    "binary_resnet_e18": (11_689_640, 10_985_472, 1_676_279_808, 137_793_536),
 }
 QUICKNETS = ("quicknet_small", "quicknet", "quicknet_large")
+ZOO = tuple(LARQ_TOTALS)
 
 
 def _is_fixed(row):
@@ -52,31 +55,60 @@ def _abstract_variables(model, size=224):
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
 
 
-@pytest.mark.parametrize("name", QUICKNETS)
+@pytest.mark.parametrize("name", ZOO)
 def test_testdata_holds_larq_totals(name):
   larq = LARQ[name]
   assert (larq["params"], larq["binary_params"], larq["binary_macs"],
           larq["real_macs"]) == LARQ_TOTALS[name]
 
 
+def _number(name):
+  """Keras' per-class layer counter: 'conv2d' 0, 'conv2d_7' 7 (creation order)."""
+  head, _, tail = name.rpartition("_")
+  return int(tail) if tail.isdigit() and head else 0
+
+
+def _keras_class(layer, name):
+  """The Keras class of a bnn_jax summary row of model `name`: QuickNet
+  builds every conv as a Larq Quant* layer (QuantDepthwiseConv2D in its
+  stem), the ResNets their real ones as Keras Conv2D and Dense."""
+  kind = layer.kind.split()[0]
+  if name.startswith("quicknet"):
+    if layer.path == "stem_depthwise":
+      return "QuantDepthwiseConv2D"
+    return {"BinaryConv": "QuantConv2D", "Conv": "QuantConv2D",
+            "BatchNorm": "BatchNormalization", "Dense": "QuantDense"}[kind]
+  return {"BinaryConv": "QuantConv2D", "Conv": "Conv2D",
+          "BatchNorm": "BatchNormalization", "Dense": "Dense"}[kind]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_layers_match_larq_summary(name):
+  """Per Keras class, the layers in creation order (Keras' layer number)
+  have bnn_jax's rows' 1-bit and 32-bit parameters and MACs, in call order."""
+  s = summary.summarize(models.create(name), (224, 224, 3))
+  larq_rows = [r for r in LARQ[name]["layers"] if not _is_fixed(r)]
+  ours, theirs = {}, {}
+  for layer in s.layers:
+    ours.setdefault(_keras_class(layer, name), []).append(
+        (layer.binary_params, layer.real_params, layer.bops, layer.flops))
+  for row in sorted(larq_rows, key=lambda r: _number(r["name"])):
+    theirs.setdefault(row["class"], []).append(
+        (row["binary_params"], row["real_params"], row["binary_macs"],
+         row["real_macs"]))
+  assert ours == theirs
+  params, binary_params, bops, flops = LARQ_TOTALS[name]
+  assert s.binary_params == binary_params and s.bops == bops
+  if not name.startswith("quicknet"):  # nothing fixed: every count equal
+    assert (s.params, s.flops) == (params, flops)
+
+
 @pytest.mark.parametrize("name", QUICKNETS)
-def test_quicknet_layers_match_larq_summary(name):
+def test_quicknet_counts_beyond_bnn_jax_parameters(name):
+  """The rows Larq counts and bnn_jax does not: the stem's unscaled BN
+  (2C batch statistics) and one 3x3 blur kernel per transition (9C)."""
   model = models.create(name)
   s = summary.summarize(model, (224, 224, 3))
-  larq_rows = [r for r in LARQ[name]["layers"] if not _is_fixed(r)]
-  ours = [(l.binary_params, l.real_params, l.bops, l.flops) for l in s.layers]
-  theirs = [(r["binary_params"], r["real_params"], r["binary_macs"],
-             r["real_macs"]) for r in larq_rows]
-  assert ours == theirs
-  kinds = [l.kind.split()[0] for l in s.layers]
-  assert kinds == [{"QuantConv2D": "BinaryConv", "QuantDepthwiseConv2D": "Conv",
-                    "BatchNormalization": "BatchNorm",
-                    "QuantDense": "Dense"}.get(r["class"], r["class"])
-                   if not (r["class"] == "QuantConv2D" and r["binary_params"]
-                           == 0) else "Conv" for r in larq_rows]
-
-  # The rows Larq counts and bnn_jax does not: the stem's unscaled BN
-  # (2C batch statistics) and one 3x3 blur kernel per transition (9C).
   fixed = [r for r in LARQ[name]["layers"] if _is_fixed(r)]
   variables = _abstract_variables(model)
   stem_c = variables["batch_stats"]["stem_depthwise_bn"]["mean"].shape[0]
@@ -85,10 +117,8 @@ def test_quicknet_layers_match_larq_summary(name):
   assert [(r["class"], r["real_params"]) for r in fixed] == (
       [("BatchNormalization", 2 * stem_c)]
       + [("DepthwiseConv2D", 9 * c) for c in blur_c])
-  params, binary_params, bops, flops = LARQ_TOTALS[name]
-  assert s.binary_params == binary_params
+  params, _, _, flops = LARQ_TOTALS[name]
   assert s.params + 2 * stem_c + 9 * sum(blur_c) == params
-  assert s.bops == bops
   blur_macs = sum(r["real_macs"] for r in fixed)
   assert s.flops + blur_macs == flops
 

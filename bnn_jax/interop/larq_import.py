@@ -5,15 +5,18 @@ writes for a Larq Zoo model (larq-zoo 2.4.0: `QuickNetSmall`, `QuickNet`,
 `QuickNetLarge`) and fills the matching bnn_jax model (`models.create`).
 h5py reads the file; TensorFlow is not needed.
 
-Matching. Keras stores the layers in the model's order (the `layer_names`
-attribute) and loads an .h5 by that order; the layer names carry a number
-that depends on what else the session built (`quant_conv2d_17`). So the
-i-th Keras layer with weights is matched to the i-th bnn_jax layer in call
-order, strictly: its name without the number must be one that Keras gives
-that kind of layer, its weight names must be exactly the expected ones and
-every shape must be equal; the number of layers must be equal too.
-Otherwise `LarqWeightsMismatchError` names each disagreement (Keras layer,
-bnn_jax module, what was expected and found).
+Matching. Keras names a layer after its class and a number that counts
+the layers of that class the session created before it (`quant_conv2d`,
+`quant_conv2d_1`, ...; a model built second in a session starts higher):
+the numbers follow the order in which Larq Zoo's code creates the layers,
+which is bnn_jax's call order. So the file's layers of each class, sorted
+by their number, are matched one to one to the bnn_jax layers of that
+class in call order, strictly: the counts per class must be equal, the
+weight names exactly the expected ones and every shape equal. (Keras'
+own `layer_names` order is topological, which puts a shortcut conv after
+the binary conv of its block, so it is not used.) Otherwise
+`LarqWeightsMismatchError` names each disagreement (Keras layer, bnn_jax
+module, what was expected and found).
 
 Tensors (Keras -> bnn_jax):
 
@@ -55,13 +58,18 @@ from bnn_jax.models import quicknet
 # Larq's sign(0) (`larq.math.sign`): +1.
 SIGN_ZERO = 1.0
 H5PY_INSTALL = "pip install h5py"
-# Keras layer names (without their _<number>) per kind of bnn_jax layer.
-KERAS_NAMES = {
-    "conv": ("quant_conv2d", "conv2d"),
-    "depthwise": ("quant_depthwise_conv2d", "depthwise_conv2d"),
-    "blur": ("depthwise_conv2d",),
-    "batch_norm": ("batch_normalization",),
-    "dense": ("quant_dense", "dense"),
+# The Keras class name (a layer's name without its _<number>) of each kind
+# of bnn_jax layer, per Larq Zoo model family.
+_QUICKNET_NAMES = {"conv": "quant_conv2d", "binary_conv": "quant_conv2d",
+                   "depthwise": "quant_depthwise_conv2d",
+                   "blur": "depthwise_conv2d",
+                   "batch_norm": "batch_normalization", "dense": "quant_dense"}
+_RESNET_NAMES = {"conv": "conv2d", "binary_conv": "quant_conv2d",
+                 "batch_norm": "batch_normalization", "dense": "dense"}
+KERAS_NAMES: dict[str, dict[str, str]] = {
+    "quicknet_small": _QUICKNET_NAMES, "quicknet": _QUICKNET_NAMES,
+    "quicknet_large": _QUICKNET_NAMES,
+    "birealnet18": _RESNET_NAMES, "binary_resnet_e18": _RESNET_NAMES,
 }
 _NUMBER = re.compile(r"_\d+$")
 
@@ -69,7 +77,17 @@ Path = tuple[str, ...]
 
 
 class LarqWeightsMismatchError(ValueError):
-  """The .h5 file's layers are not those of the bnn_jax model."""
+  """The .h5 file's layers are not those of the bnn_jax model.
+
+  `problems` lists every disagreement; the message names the first five.
+  """
+
+  def __init__(self, model_name: str, problems: list[str]):
+    self.problems = problems
+    super().__init__(
+        f"the weights do not fit {model_name!r} ({len(problems)} problem(s); "
+        f"is it a Larq Zoo {model_name} file?): " + "; ".join(problems[:5])
+        + (" ..." if len(problems) > 5 else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +95,14 @@ class KerasLayer:
   """One Keras layer with weights as bnn_jax expects it.
 
   Attributes:
-    kind: a key of `KERAS_NAMES`.
-    path: the bnn_jax module path ('' for the blur constant).
+    kind: conv, binary_conv, depthwise, blur, batch_norm or dense.
+    keras_name: the Keras layer name without its number ("quant_conv2d").
+    path: the bnn_jax module path (() for the blur constant).
     weights: {Keras weight name: (collection, bnn_jax leaf name, Keras shape)}.
     constant: the Keras value a fixed weight must have (the blur kernel).
   """
   kind: str
+  keras_name: str
   path: Path
   weights: dict[str, tuple[str, str, tuple[int, ...]]]
   constant: Optional[np.ndarray] = None
@@ -94,8 +114,7 @@ class KerasLayer:
 
 def supported_models() -> list[str]:
   """The registry names whose Larq Zoo layout is known."""
-  return sorted(n for n in models.MODELS
-                if models._module_class(n) is quicknet.QuickNet)  # pylint: disable=protected-access
+  return sorted(KERAS_NAMES)
 
 
 def expected_layers(model_name: str, input_size: int = 224,
@@ -109,7 +128,11 @@ def expected_layers(model_name: str, input_size: int = 224,
     raise ValueError(f"no Larq Zoo layout is known for model {model_name!r}; "
                      f"supported: {supported_models()}")
   model = models.create(model_name, num_classes=num_classes)
+  names = KERAS_NAMES[model_name]
   layers: list[KerasLayer] = []
+
+  def add(kind, path, weights, constant=None):
+    layers.append(KerasLayer(kind, names[kind], path, weights, constant))
 
   def record(next_fun, args, kwargs, context):
     module = context.module
@@ -120,8 +143,7 @@ def expected_layers(model_name: str, input_size: int = 224,
     if isinstance(module, quicknet.QuickNetTransition):
       c = x.shape[-1]
       blur = quicknet.blur_kernel(c).transpose(0, 1, 3, 2)  # Keras (3, 3, C, 1)
-      layers.append(KerasLayer("blur", (), {
-          "depthwise_kernel": ("", "", blur.shape)}, blur))
+      add("blur", (), {"depthwise_kernel": ("", "", blur.shape)}, blur)
     out = next_fun(*args, **kwargs)
     c_in, c_out = x.shape[-1], out.shape[-1]
     if isinstance(module, (BinaryConv, nn.Conv)):
@@ -129,15 +151,15 @@ def expected_layers(model_name: str, input_size: int = 224,
            else module.kernel_size[0])
       groups = getattr(module, "feature_group_count", 1)
       if groups > 1:
-        layers.append(KerasLayer("depthwise", path, {
-            "depthwise_kernel": ("params", "kernel", (k, k, c_in, 1))}))
+        add("depthwise", path, {
+            "depthwise_kernel": ("params", "kernel", (k, k, c_in, 1))})
       else:
-        layers.append(KerasLayer("conv", path, {
-            "kernel": ("params", "kernel", (k, k, c_in, c_out))}))
+        binary = isinstance(module, BinaryConv) and module.binary_inputs
+        add("binary_conv" if binary else "conv", path, {
+            "kernel": ("params", "kernel", (k, k, c_in, c_out))})
     elif isinstance(module, nn.Dense):
-      layers.append(KerasLayer("dense", path, {
-          "kernel": ("params", "kernel", (c_in, c_out)),
-          "bias": ("params", "bias", (c_out,))}))
+      add("dense", path, {"kernel": ("params", "kernel", (c_in, c_out)),
+                          "bias": ("params", "bias", (c_out,))})
     elif isinstance(module, BatchNorm):
       weights = {}
       if module.use_scale:
@@ -146,7 +168,7 @@ def expected_layers(model_name: str, input_size: int = 224,
         weights["beta"] = ("params", "bias", (c_in,))
       weights["moving_mean"] = ("batch_stats", "mean", (c_in,))
       weights["moving_variance"] = ("batch_stats", "var", (c_in,))
-      layers.append(KerasLayer("batch_norm", path, weights))
+      add("batch_norm", path, weights)
     return out
 
   x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
@@ -202,33 +224,53 @@ def read_h5(path: str) -> list[tuple[str, dict[str, np.ndarray]]]:
   return layers
 
 
-def _problems(expected: list[KerasLayer],
-              found: list[tuple[str, dict[str, np.ndarray]]]) -> list[str]:
-  """Every disagreement between the expected and the file's layers."""
-  problems = []
-  if len(expected) != len(found):
-    problems.append(f"the file has {len(found)} layers with weights, the "
-                    f"model {len(expected)}")
-  for i, (want, (name, weights)) in enumerate(zip(expected, found)):
-    where = f"layer {i} {name!r} (for {want.describe()})"
-    if _NUMBER.sub("", name) not in KERAS_NAMES[want.kind]:
-      problems.append(f"{where}: expected a Keras "
-                      f"{' or '.join(KERAS_NAMES[want.kind])} layer")
-      continue
-    if set(weights) != set(want.weights):
-      problems.append(f"{where}: weights {sorted(weights)}, expected "
-                      f"{sorted(want.weights)}")
-      continue
-    for leaf, (_, _, shape) in want.weights.items():
-      if weights[leaf].shape != shape:
-        problems.append(f"{where}: {leaf} has shape {weights[leaf].shape}, "
-                        f"expected {shape}")
-    if want.constant is not None and not problems:
-      (value,) = weights.values()
-      if not np.allclose(value, want.constant, rtol=0, atol=1e-6):
+def _number(name: str) -> int:
+  """The Keras layer name's number: 'conv2d' 0, 'conv2d_7' 7."""
+  m = _NUMBER.search(name)
+  return int(m.group()[1:]) if m else 0
+
+
+def match(expected: list[KerasLayer],
+          found: list[tuple[str, dict[str, np.ndarray]]]
+          ) -> tuple[list[tuple[KerasLayer, str, dict[str, np.ndarray]]],
+                     list[str]]:
+  """(pairs of expected and file layers, problems), per Keras class by number.
+
+  Problems name every class whose counts differ, every unexpected class,
+  and every pair whose weight names or shapes differ or whose constant is
+  not the expected value.
+  """
+  by_class: dict[str, list[tuple[str, dict[str, np.ndarray]]]] = {}
+  for name, weights in found:
+    by_class.setdefault(_NUMBER.sub("", name), []).append((name, weights))
+  pairs, problems = [], []
+  wanted: dict[str, list[KerasLayer]] = {}
+  for layer in expected:
+    wanted.setdefault(layer.keras_name, []).append(layer)
+  for keras_name, want in wanted.items():
+    have = sorted(by_class.pop(keras_name, []), key=lambda l: _number(l[0]))
+    if len(have) != len(want):
+      problems.append(f"the file has {len(have)} {keras_name} layers, the "
+                      f"model {len(want)}")
+    for layer, (name, weights) in zip(want, have):
+      where = f"layer {name!r} (for {layer.describe()})"
+      if set(weights) != set(layer.weights):
+        problems.append(f"{where}: weights {sorted(weights)}, expected "
+                        f"{sorted(layer.weights)}")
+        continue
+      bad = [f"{where}: {leaf} has shape {weights[leaf].shape}, expected "
+             f"{shape}" for leaf, (_, _, shape) in layer.weights.items()
+             if weights[leaf].shape != shape]
+      problems += bad
+      if not bad and layer.constant is not None and not np.allclose(
+          next(iter(weights.values())), layer.constant, rtol=0, atol=1e-6):
         problems.append(f"{where}: not the fixed blur kernel "
                         "outer([1,2,1], [1,2,1]) / 16")
-  return problems
+      pairs.append((layer, name, weights))
+  for keras_name, have in by_class.items():
+    problems.append(f"unexpected {keras_name} layers in the file: "
+                    f"{[n for n, _ in have][:3]}")
+  return pairs, problems
 
 
 def from_layers(found: list[tuple[str, dict[str, np.ndarray]]],
@@ -239,18 +281,15 @@ def from_layers(found: list[tuple[str, dict[str, np.ndarray]]],
   `LarqWeightsMismatchError` naming every mismatch.
   """
   num_classes = 1000
-  dense = [w for n, w in found if _NUMBER.sub("", n) in KERAS_NAMES["dense"]]
+  dense = [w for n, w in found if _NUMBER.sub("", n) in ("dense", "quant_dense")]
   if dense and "kernel" in dense[-1] and dense[-1]["kernel"].ndim == 2:
     num_classes = int(dense[-1]["kernel"].shape[1])
   expected = expected_layers(model_name, input_size, num_classes)
-  problems = _problems(expected, found)
+  pairs, problems = match(expected, found)
   if problems:
-    raise LarqWeightsMismatchError(
-        f"the weights do not fit {model_name!r} ({len(problems)} problem(s); "
-        f"is it a Larq Zoo {model_name} file?): " + "; ".join(problems[:5])
-        + (" ..." if len(problems) > 5 else ""))
+    raise LarqWeightsMismatchError(model_name, problems)
   variables: dict = {"params": {}, "batch_stats": {}}
-  for want, (_, weights) in zip(expected, found):
+  for want, _, weights in pairs:
     for leaf, (collection, name, _) in want.weights.items():
       if not collection:
         continue  # a constant, checked above

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from bnn_jax.models import quicknet
+from bnn_jax.models.binary_resnet_e import BinaryResNetE
+from bnn_jax.models.birealnet import BiRealNet
 from bnn_jax.models.reactnet import REACTNET_A_CHANNELS, ReActNet18, ReActNetA
 from bnn_jax.models.resnet import ResNet
 
@@ -47,6 +49,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "quicknet": functools.partial(quicknet.QuickNet, **quicknet.QUICKNET),
     "quicknet_large": functools.partial(quicknet.QuickNet,
                                         **quicknet.QUICKNET_LARGE),
+    "birealnet18": BiRealNet,
+    "binary_resnet_e18": BinaryResNetE,
 }
 
 
