@@ -143,7 +143,8 @@ def test_bad_files_and_names(tmp_path):
     larq_import.read_h5(str(tmp_path / "plain.h5"))
   with pytest.raises(ValueError, match=r"no Larq Zoo layout .*'reactnet_a'.*"
                      r"supported: \['binary_resnet_e18', 'birealnet18', "
-                     r"'quicknet', 'quicknet_large', 'quicknet_small'\]"):
+                     r"'quicknet', 'quicknet_large', 'quicknet_small', "
+                     r"'real_to_binary_net'\]"):
     larq_import.expected_layers("reactnet_a")
 
 
@@ -179,7 +180,8 @@ def _check_logits(got, want):
     ("quicknet_small", 0, 32), ("quicknet_large", 2, 32),
     ("birealnet18", 3, 64),  # stride-2 SAME: asymmetric (0, 1) zero padding
     ("binary_resnet_e18", 4, 64),  # the ImageNet stem (input >= 50)
-    ("binary_resnet_e18", 5, 32)])  # Larq's small-input stem
+    ("binary_resnet_e18", 5, 32),  # Larq's small-input stem
+    ("real_to_binary_net", 6, 64)])  # layers matched by name
 def test_imported_model_computes_the_larq_logits(tmp_path, name, seed, size):
   h5, ref = _larq_reference(tmp_path, name, seed, size)
   variables = larq_import.load(h5, name, input_size=size)

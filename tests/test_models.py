@@ -21,7 +21,7 @@ SMALL_MODELS = {"reactnet_a_cifar": 32, "reactnet_small": 8,
                 "resnet18_cifar": 32, "resnet_small": 8}
 # Larq Zoo models: tests/test_zoo_models.py.
 ZOO_MODELS = ("quicknet_small", "quicknet", "quicknet_large", "birealnet18",
-              "binary_resnet_e18")
+              "binary_resnet_e18", "real_to_binary_net")
 
 
 def _abstract_variables(model, shape=IMAGENET, dtype=jnp.float32):

@@ -41,7 +41,8 @@ def _random_variables(model, shape, seed=0):
     ("quicknet_small", 32, [0] * 16),
     # Bi-Real / ResNetE: SAME zero padding, (0, 1) where stride 2.
     ("birealnet18", 64, [1] * 4 + ([[[0, 1], [0, 1]]] + [1] * 3) * 3),
-    ("binary_resnet_e18", 64, [1] * 4 + ([[[0, 1], [0, 1]]] + [1] * 3) * 3)])
+    ("binary_resnet_e18", 64, [1] * 4 + ([[[0, 1], [0, 1]]] + [1] * 3) * 3),
+    ("real_to_binary_net", 64, [1] * 4 + ([[[0, 1], [0, 1]]] + [1] * 3) * 3)])
 def test_packed_forward_equals_float_forward(name, size, paddings):
   shape = (size, size, 3)
   model = models.create(name, num_classes=10)

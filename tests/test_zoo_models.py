@@ -38,6 +38,7 @@ LARQ_TOTALS = {
     "quicknet_large": (23_342_248, 22_634_496, 3_699_376_128, 29_651_712),
     "birealnet18": (11_689_512, 10_985_472, 1_676_279_808, 137_793_536),
     "binary_resnet_e18": (11_689_640, 10_985_472, 1_676_279_808, 137_793_536),
+    "real_to_binary_net": (11_986_920, 10_985_472, 1_676_279_808, 138_087_936),
 }
 QUICKNETS = ("quicknet_small", "quicknet", "quicknet_large")
 ZOO = tuple(LARQ_TOTALS)
@@ -79,24 +80,32 @@ def _keras_class(layer, name):
     return {"BinaryConv": "QuantConv2D", "Conv": "QuantConv2D",
             "BatchNorm": "BatchNormalization", "Dense": "QuantDense"}[kind]
   return {"BinaryConv": "QuantConv2D", "Conv": "Conv2D",
-          "BatchNorm": "BatchNormalization", "Dense": "Dense"}[kind]
+          "BatchNorm": "BatchNormalization", "Dense": "Dense",
+          "PReLU": "PReLU"}[kind]
 
 
 @pytest.mark.parametrize("name", ZOO)
 def test_layers_match_larq_summary(name):
   """Per Keras class, the layers in creation order (Keras' layer number)
-  have bnn_jax's rows' 1-bit and 32-bit parameters and MACs, in call order."""
+  have bnn_jax's rows' 1-bit and 32-bit parameters and MACs, in call order;
+  RealToBinaryNet's named layers, those of the bnn_jax path of that name."""
   s = summary.summarize(models.create(name), (224, 224, 3))
   larq_rows = [r for r in LARQ[name]["layers"] if not _is_fixed(r)]
-  ours, theirs = {}, {}
-  for layer in s.layers:
-    ours.setdefault(_keras_class(layer, name), []).append(
-        (layer.binary_params, layer.real_params, layer.bops, layer.flops))
-  for row in sorted(larq_rows, key=lambda r: _number(r["name"])):
-    theirs.setdefault(row["class"], []).append(
-        (row["binary_params"], row["real_params"], row["binary_macs"],
-         row["real_macs"]))
-  assert ours == theirs
+  counts = lambda l: (l.binary_params, l.real_params, l.bops, l.flops)
+  larq_counts = lambda r: (r["binary_params"], r["real_params"],
+                           r["binary_macs"], r["real_macs"])
+  if name == "real_to_binary_net":  # Keras names its layers: compare by name
+    keras = lambda path: "r2b_bnn_" + (
+        "block_10_logits" if path == "fc" else path.replace("/", "_"))
+    assert {keras(l.path): counts(l) for l in s.layers} == {
+        r["name"]: larq_counts(r) for r in larq_rows}
+  else:
+    ours, theirs = {}, {}
+    for layer in s.layers:
+      ours.setdefault(_keras_class(layer, name), []).append(counts(layer))
+    for row in sorted(larq_rows, key=lambda r: _number(r["name"])):
+      theirs.setdefault(row["class"], []).append(larq_counts(row))
+    assert ours == theirs
   params, binary_params, bops, flops = LARQ_TOTALS[name]
   assert s.binary_params == binary_params and s.bops == bops
   if not name.startswith("quicknet"):  # nothing fixed: every count equal

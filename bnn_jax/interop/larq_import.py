@@ -2,7 +2,7 @@
 
 Reads what Keras 2 `model.save_weights("W.h5")` or `model.save("M.h5")`
 writes for a Larq Zoo model (larq-zoo 2.4.0: `QuickNetSmall`, `QuickNet`,
-`QuickNetLarge`) and fills the matching bnn_jax model (`models.create`).
+`QuickNetLarge`, `BiRealNet`, `BinaryResNetE18`, `RealToBinaryNet`) and fills the matching bnn_jax model (`models.create`).
 h5py reads the file; TensorFlow is not needed.
 
 Matching. Keras names a layer after its class and a number that counts
@@ -14,7 +14,9 @@ by their number, are matched one to one to the bnn_jax layers of that
 class in call order, strictly: the counts per class must be equal, the
 weight names exactly the expected ones and every shape equal. (Keras'
 own `layer_names` order is topological, which puts a shortcut conv after
-the binary conv of its block, so it is not used.) Otherwise
+the binary conv of its block, so it is not used.) RealToBinaryNet names
+its layers explicitly ("r2b_bnn_block_2a_conv2d"): those are matched by
+name (`NAMED_LAYERS`). Otherwise
 `LarqWeightsMismatchError` names each disagreement (Keras layer, bnn_jax
 module, what was expected and found).
 
@@ -27,6 +29,7 @@ Tensors (Keras -> bnn_jax):
   BatchNormalization gamma, beta                -> params scale, bias
   BatchNormalization moving_mean, moving_variance -> batch_stats mean, var
   Dense / QuantDense kernel (F, classes), bias  -> kernel, bias (the same)
+  PReLU alpha (1, 1, C)                         -> alpha (C,)
   QuickNet blur DepthwiseConv2D (3, 3, C, 1)    -> nothing: a constant in
                                                    bnn_jax; the file's value
                                                    must equal it (1e-6).
@@ -54,6 +57,7 @@ import numpy as np
 from bnn_jax import models
 from bnn_jax.layers import BatchNorm, BinaryConv
 from bnn_jax.models import quicknet
+from bnn_jax.models import real_to_binary
 
 # Larq's sign(0) (`larq.math.sign`): +1.
 SIGN_ZERO = 1.0
@@ -70,7 +74,12 @@ KERAS_NAMES: dict[str, dict[str, str]] = {
     "quicknet_small": _QUICKNET_NAMES, "quicknet": _QUICKNET_NAMES,
     "quicknet_large": _QUICKNET_NAMES,
     "birealnet18": _RESNET_NAMES, "binary_resnet_e18": _RESNET_NAMES,
+    "real_to_binary_net": {},  # named layers: NAMED_LAYERS
 }
+# Models whose Keras layers have explicit names: prefix + the bnn_jax path
+# joined by '_' (the head "fc" is Keras' "block_10_logits").
+NAMED_LAYERS = {"real_to_binary_net": real_to_binary.KERAS_PREFIX}
+_NAMED_HEAD = "block_10_logits"
 _NUMBER = re.compile(r"_\d+$")
 
 Path = tuple[str, ...]
@@ -95,7 +104,7 @@ class KerasLayer:
   """One Keras layer with weights as bnn_jax expects it.
 
   Attributes:
-    kind: conv, binary_conv, depthwise, blur, batch_norm or dense.
+    kind: conv, binary_conv, depthwise, blur, batch_norm, dense or prelu.
     keras_name: the Keras layer name without its number ("quant_conv2d").
     path: the bnn_jax module path (() for the blur constant).
     weights: {Keras weight name: (collection, bnn_jax leaf name, Keras shape)}.
@@ -132,7 +141,12 @@ def expected_layers(model_name: str, input_size: int = 224,
   layers: list[KerasLayer] = []
 
   def add(kind, path, weights, constant=None):
-    layers.append(KerasLayer(kind, names[kind], path, weights, constant))
+    if model_name in NAMED_LAYERS:
+      joined = _NAMED_HEAD if path == ("fc",) else "_".join(path)
+      keras_name = NAMED_LAYERS[model_name] + joined
+    else:
+      keras_name = names[kind]
+    layers.append(KerasLayer(kind, keras_name, path, weights, constant))
 
   def record(next_fun, args, kwargs, context):
     module = context.module
@@ -158,8 +172,12 @@ def expected_layers(model_name: str, input_size: int = 224,
         add("binary_conv" if binary else "conv", path, {
             "kernel": ("params", "kernel", (k, k, c_in, c_out))})
     elif isinstance(module, nn.Dense):
-      add("dense", path, {"kernel": ("params", "kernel", (c_in, c_out)),
-                          "bias": ("params", "bias", (c_out,))})
+      weights = {"kernel": ("params", "kernel", (c_in, c_out))}
+      if module.use_bias:
+        weights["bias"] = ("params", "bias", (c_out,))
+      add("dense", path, weights)
+    elif isinstance(module, real_to_binary.PReLU):
+      add("prelu", path, {"alpha": ("params", "alpha", (1, 1, c_in))})
     elif isinstance(module, BatchNorm):
       weights = {}
       if module.use_scale:
@@ -231,18 +249,21 @@ def _number(name: str) -> int:
 
 
 def match(expected: list[KerasLayer],
-          found: list[tuple[str, dict[str, np.ndarray]]]
+          found: list[tuple[str, dict[str, np.ndarray]]],
+          by_name: bool = False
           ) -> tuple[list[tuple[KerasLayer, str, dict[str, np.ndarray]]],
                      list[str]]:
-  """(pairs of expected and file layers, problems), per Keras class by number.
+  """(pairs of expected and file layers, problems), per Keras class by number
+  (or, `by_name`, by the exact layer name).
 
-  Problems name every class whose counts differ, every unexpected class,
-  and every pair whose weight names or shapes differ or whose constant is
-  not the expected value.
+  Problems name every class (name) whose counts differ, every unexpected
+  class (name), and every pair whose weight names or shapes differ or whose
+  constant is not the expected value.
   """
   by_class: dict[str, list[tuple[str, dict[str, np.ndarray]]]] = {}
   for name, weights in found:
-    by_class.setdefault(_NUMBER.sub("", name), []).append((name, weights))
+    key = name if by_name else _NUMBER.sub("", name)
+    by_class.setdefault(key, []).append((name, weights))
   pairs, problems = [], []
   wanted: dict[str, list[KerasLayer]] = {}
   for layer in expected:
@@ -277,15 +298,18 @@ def from_layers(found: list[tuple[str, dict[str, np.ndarray]]],
                 model_name: str, input_size: int = 224) -> dict:
   """{'params', 'batch_stats'} of `model_name` from `read_h5`'s layers.
 
-  The classes come from the Dense kernel's columns. Raises
+  The classes come from the head's kernel's columns (the last layer with a
+  2-D kernel and a bias). Raises
   `LarqWeightsMismatchError` naming every mismatch.
   """
-  num_classes = 1000
-  dense = [w for n, w in found if _NUMBER.sub("", n) in ("dense", "quant_dense")]
-  if dense and "kernel" in dense[-1] and dense[-1]["kernel"].ndim == 2:
-    num_classes = int(dense[-1]["kernel"].shape[1])
+  num_classes = 1000  # the head: the last layer with a 2-D kernel and a bias
+  heads = [w for _, w in found if "bias" in w and w.get(
+      "kernel", np.zeros(0)).ndim == 2]
+  if heads:
+    num_classes = int(heads[-1]["kernel"].shape[1])
   expected = expected_layers(model_name, input_size, num_classes)
-  pairs, problems = match(expected, found)
+  pairs, problems = match(expected, found,
+                          by_name=model_name in NAMED_LAYERS)
   if problems:
     raise LarqWeightsMismatchError(model_name, problems)
   variables: dict = {"params": {}, "batch_stats": {}}
@@ -296,6 +320,8 @@ def from_layers(found: list[tuple[str, dict[str, np.ndarray]]],
       value = weights[leaf]
       if want.kind == "depthwise":
         value = value.transpose(0, 1, 3, 2)
+      elif want.kind == "prelu":
+        value = value.reshape(-1)
       tree = variables[collection]
       for part in want.path:
         tree = tree.setdefault(part, {})

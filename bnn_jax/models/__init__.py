@@ -28,6 +28,7 @@ import flax.linen as nn
 from bnn_jax.models import quicknet
 from bnn_jax.models.binary_resnet_e import BinaryResNetE
 from bnn_jax.models.birealnet import BiRealNet
+from bnn_jax.models.real_to_binary import RealToBinaryNet
 from bnn_jax.models.reactnet import REACTNET_A_CHANNELS, ReActNet18, ReActNetA
 from bnn_jax.models.resnet import ResNet
 
@@ -51,6 +52,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
                                         **quicknet.QUICKNET_LARGE),
     "birealnet18": BiRealNet,
     "binary_resnet_e18": BinaryResNetE,
+    "real_to_binary_net": RealToBinaryNet,
 }
 
 
