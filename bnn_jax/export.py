@@ -202,21 +202,53 @@ def export_lce(config, checkpoint: str, out: str, phase: str | None = None,
     raise ValueError(f"--lce_python {lce_python} does not exist; make the "
                      "LCE environment with bash tools/make_lce_env.sh")
   header, variables, _ = build_packed(config, checkpoint, phase)
+  return convert_packed_to_lce(header, variables, out, lce_python,
+                               check_examples)
+
+
+def convert_packed_to_lce(header: dict, variables: dict, out: str,
+                          lce_python: str = DEFAULT_LCE_PYTHON,
+                          check_examples: int = 64) -> dict:
+  """`export_lce` from a packed header and variables (`build_packed`'s).
+
+  The ReActNet-A family goes through `bnn_jax.export_lce`, the Larq Zoo
+  models (`bnn_jax.interop.larq_import.supported_models()`) through
+  `bnn_jax.export_lce_zoo`, which builds Larq Zoo's own Keras model and is
+  given the Keras layers in bnn_jax's call order.
+  """
+  import jax
+  import numpy as np
+
+  from bnn_jax import packed
+  from bnn_jax.interop import larq_import
+
   shape = tuple(header["input"]["shape"])
   images = np.asarray(jax.random.normal(
       jax.random.key(0), (check_examples,) + shape), np.float32)
   packed_model = packed.PackedModel(header)
   logits = np.asarray(jax.jit(packed_model.apply)(variables, images))
+  name = header["model"]["name"]
   with tempfile.TemporaryDirectory() as tmp:
     packed_path = os.path.join(tmp, "model.bnn.npz")
     packed.write(packed_path, header, variables)
     check_path = os.path.join(tmp, "check.npz")
     np.savez(check_path, images=images, logits=logits)
+    command = [lce_python, "-m", "bnn_jax.export_lce",
+               f"--packed={packed_path}", f"--out={out}",
+               f"--check={check_path}"]
+    if name in larq_import.supported_models():
+      layers_path = os.path.join(tmp, "layers.json")
+      with open(layers_path, "w") as f:
+        json.dump([{"kind": l.kind, "keras_name": l.keras_name,
+                    "path": list(l.path)}
+                   for l in larq_import.expected_layers(
+                       name, shape[0], int(header["model"]["num_classes"]))],
+                  f)
+      command[2] = "bnn_jax.export_lce_zoo"
+      command.append(f"--layers={layers_path}")
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [lce_python, "-m", "bnn_jax.export_lce", f"--packed={packed_path}",
-         f"--out={out}", f"--check={check_path}"],
-        capture_output=True, text=True, cwd=src,
+        command, capture_output=True, text=True, cwd=src,
         env=dict(os.environ, PYTHONPATH=src, TF_CPP_MIN_LOG_LEVEL="3"))
   if proc.returncode != 0:
     lines = (proc.stderr or proc.stdout).strip().splitlines()
