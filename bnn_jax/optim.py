@@ -83,6 +83,9 @@ steps, T = E * S):
 * `linear`: base * (1 - t / T), per step.
 * `cosine`: base * (1 + cos(pi * t / T)) / 2.
 * `constant`: base.
+* `step`: base * step_factor^k, k = the number of `step_epochs` boundaries
+  b with t >= b * S (absolute epochs, the warm-up included; Larq Zoo's
+  BinaryResNetE18 and Real-to-Binary schedules).
 An optional linear warm-up from 0 to base over W = `warmup_epochs` * S steps
 comes first; the decay then runs over the remaining T - W steps (E - W / S
 epochs), as in optax.warmup_cosine_decay_schedule. The schedule is passed to
@@ -112,7 +115,7 @@ from bnn_jax import paths
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "bop")
 OPTAX_PREFIX = "optax."
 WEIGHT_DECAY_MODES = ("decoupled", "coupled")
-SCHEDULES = ("linear_epoch", "linear", "cosine", "constant")
+SCHEDULES = ("linear_epoch", "linear", "cosine", "constant", "step")
 # Optimizers dividing by sqrt(v) + eps.
 ADAPTIVE_OPTIMIZERS = ("adam", "adamw", "lamb", "bop")  # bop: Adam on the rest
 
@@ -142,7 +145,8 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
     warmup_epochs, momentum and nesterov (sgd), bop_threshold, bop_gamma and
     bop_rest (bop), grad_clip_norm (None = no clipping), groups (None, or
     (label, regex, overrides) triples: one chain per parameter group) and
-    weight_clip (None, or c: w <- clip(w, -c, c) after each update).
+    weight_clip (None, or c: w <- clip(w, -c, c) after each update),
+    step_epochs and step_factor (schedule 'step').
   """
   return ml_collections.ConfigDict(dict(
       name="adam",
@@ -165,6 +169,8 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
       grad_clip_norm=config_dict.placeholder(float),
       groups=config_dict.placeholder(tuple),
       weight_clip=config_dict.placeholder(float),
+      step_epochs=config_dict.placeholder(tuple),
+      step_factor=0.1,
   ))
 
 
@@ -355,6 +361,16 @@ def resolve_config(opt_cfg: ConfigLike) -> ml_collections.FrozenConfigDict:
     _check_regexes("lr_mults", [r for r, _ in c["lr_mults"]])
   clip = c["weight_clip"]
   _check_range("weight_clip", clip, clip is None or clip > 0, "None or > 0")
+  if c["schedule"] == "step":
+    bounds = c["step_epochs"]
+    if bounds is None or isinstance(bounds, str) or not all(
+        isinstance(b, (int, float)) and b > 0 for b in bounds):
+      raise ValueError("optimizer.schedule='step' needs step_epochs, "
+                       "increasing epochs > 0 such as (70, 90, 110); got "
+                       f"{bounds!r}")
+    c["step_epochs"] = tuple(float(b) for b in bounds)
+    _check_range("step_factor", c["step_factor"], c["step_factor"] > 0,
+                 "> 0")
   if c["groups"] is not None:
     c["groups"] = _resolve_groups(c["groups"], given)
   return ml_collections.FrozenConfigDict(c)
@@ -858,6 +874,10 @@ def build_schedule(opt_cfg: ConfigLike, *, steps_per_epoch: int,
     decay = optax.linear_schedule(base, 0.0, decay_steps)
   elif cfg.schedule == "cosine":
     decay = optax.cosine_decay_schedule(base, decay_steps)
+  elif cfg.schedule == "step":  # boundaries after the warm-up's steps
+    decay = optax.piecewise_constant_schedule(base, {
+        max(round(b * steps_per_epoch) - warmup_steps, 0): cfg.step_factor
+        for b in cfg.step_epochs})
   else:  # "constant"
     decay = optax.constant_schedule(base)
   if warmup_steps == 0:

@@ -76,3 +76,15 @@ def test_two_optimizers_two_schedules_and_the_clip():
   np.testing.assert_allclose(params["block0"]["binary_conv"]["kernel"], w,
                              rtol=1e-5)
   assert float(params["block0"]["binary_conv"]["kernel"][0]) == 1.25
+
+
+def test_step_schedule_with_warmup():
+  """Larq Zoo's R2BStepSchedule: warm-up 5 epochs, x0.3 at 40, 60, 70."""
+  cfg = {"schedule": "step", "learning_rate": 2e-4, "warmup_epochs": 5.0,
+         "step_epochs": (40, 60, 70), "step_factor": 0.3}
+  s = optim.build_schedule(cfg, steps_per_epoch=10, num_epochs=75)
+  got = [float(s(t)) for t in (0, 25, 50, 399, 400, 599, 600, 700, 749)]
+  want = [0.0, 1e-4, 2e-4, 2e-4, 6e-5, 6e-5, 1.8e-5, 5.4e-6, 5.4e-6]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match="needs step_epochs"):
+    optim.resolve_config({"schedule": "step"})
