@@ -222,12 +222,14 @@ def convert_packed_to_lce(header: dict, variables: dict, out: str,
   from bnn_jax import packed
   from bnn_jax.interop import larq_import
 
+  name = header["model"]["name"]
+  if name in larq_import.supported_models():
+    _check_larq_zoo_layout(name, header["model"]["overrides"])
   shape = tuple(header["input"]["shape"])
   images = np.asarray(jax.random.normal(
       jax.random.key(0), (check_examples,) + shape), np.float32)
   packed_model = packed.PackedModel(header)
   logits = np.asarray(jax.jit(packed_model.apply)(variables, images))
-  name = header["model"]["name"]
   with tempfile.TemporaryDirectory() as tmp:
     packed_path = os.path.join(tmp, "model.bnn.npz")
     packed.write(packed_path, header, variables)
@@ -255,6 +257,26 @@ def convert_packed_to_lce(header: dict, variables: dict, out: str,
     raise RuntimeError(f"the LCE conversion failed: "
                        f"{lines[-1] if lines else proc.returncode}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_larq_zoo_layout(name: str, overrides: dict) -> None:
+  """ValueError unless the overrides keep Larq Zoo's layout of `name`.
+
+  The LCE export of a Larq Zoo model builds Larq Zoo's own Keras model;
+  attributes that change its layers (e.g. QuickNet's section_filters) have
+  no Larq Zoo equivalent. sign(0) and binary_* flags are checked elsewhere.
+  """
+  from bnn_jax import models
+  from bnn_jax import packed
+
+  defaults = models.default_attributes(name)
+  changed = {k: v for k, v in packed.model_overrides(overrides).items()
+             if k in defaults and v != defaults[k]
+             and k not in ("zero_to", "binary_weights", "binary_activations")}
+  if changed:
+    raise ValueError(f"the LCE export builds Larq Zoo's own {name}; the "
+                     f"model attributes {changed} have no Larq Zoo "
+                     "equivalent: use --format=packed")
 
 
 def format_line(r: dict) -> str:

@@ -79,6 +79,19 @@ def summary_of(name):
   }
 
 
+def write_summaries(path, summaries):
+  """JSON with one line per layer row (readable diffs)."""
+  lines = ["{"]
+  for i, (name, s) in enumerate(summaries.items()):
+    totals = {k: v for k, v in s.items() if k != "layers"}
+    lines.append(f' "{name}": {json.dumps(totals)[:-1]}, "layers": [')
+    lines.append(",\n".join("  " + json.dumps(r) for r in s["layers"]))
+    lines.append(" ]}" + ("," if i < len(summaries) - 1 else ""))
+  lines.append("}")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
 def randomize(model, rng):
   for layer in model.layers:
     values = []
@@ -127,8 +140,7 @@ def main():
   args = parser.parse_args()
   if args.mode == "summary":
     out, names = args.args[0], args.args[1:] or list(CONSTRUCTORS)
-    with open(out, "w") as f:
-      json.dump({n: summary_of(n) for n in names}, f, indent=1)
+    write_summaries(out, {n: summary_of(n) for n in names})
   else:
     save(args.args[0], args.size, args.classes, args.seed, args.h5, args.npz)
 

@@ -55,3 +55,17 @@ def test_lce_tflite_predicts_as_the_packed_forward(tmp_path, name, size, seed):
   assert "LceBconv2d" in r["ops"] and "LceQuantize" in r["ops"]
   assert r["predictions_equal"] and r["examples"] == 8, r
   assert r["max_abs_logit_diff"] <= 1e-4 * r["max_abs_logit"], r
+
+
+def test_lce_export_refuses_layouts_larq_zoo_lacks(tmp_path):
+  shape = (32, 32, 3)
+  header = {"model": {"name": "quicknet", "num_classes": 10,
+                      "overrides": {"section_filters": [16, 32, 64, 128],
+                                    "section_blocks": [4, 4, 4, 4],
+                                    "zero_to": 1.0}},
+            "input": {"shape": list(shape)}}
+  variables = {}  # refused before anything is computed
+  with pytest.raises(ValueError, match=r"Larq Zoo's own quicknet; the model "
+                     r"attributes \{'section_filters': \(16, 32, 64, 128\)\}"):
+    export.convert_packed_to_lce(header, variables, str(tmp_path / "x"),
+                                 LCE_PYTHON, check_examples=1)
