@@ -14,6 +14,11 @@ Small-input variants (documented changes from the ImageNet layouts):
 * `resnet18_cifar`: ResNet-18 with a 3x3/1 stem and no maxpool.
 * `resnet_small`: 3 stages of one BasicBlock (32-64-128), 3x3/1 stem: the
   real-valued teacher for 8x8 digits.
+
+Larq Zoo 2.4.0's models, layer for layer (docs/models.md): `quicknet_small`,
+`quicknet`, `quicknet_large` (models/quicknet.py), `birealnet18`
+(models/birealnet.py), `binary_resnet_e18` (models/binary_resnet_e.py),
+`real_to_binary_net` (models/real_to_binary.py).
 """
 
 from __future__ import annotations
