@@ -4,7 +4,8 @@
   kernels (the layers with 1-bit weights in `bnn_jax.summary`).
 * `--dry_run` of every Larq Zoo ImageNet config on 1 and 8 devices (slow).
 * configs/quicknet_digits.py trains above chance with Adam on the binary
-  kernels and SGD elsewhere, both rates logged at every record (slow).
+  kernels and SGD elsewhere, both rates logged at every record, and its
+  packed export evaluates as the float model on the 360 test digits (slow).
 """
 
 import importlib
@@ -17,8 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bnn_jax import evaluate
+from bnn_jax import export
 from bnn_jax import models
 from bnn_jax import optim
+from bnn_jax import packed
 from bnn_jax import phases
 from bnn_jax import summary
 from test_dry_run import _dry_runs
@@ -104,3 +108,14 @@ def test_quicknet_recipe_trains_digits_with_both_optimizers(tmp_path):
   want = np.where(t < 22, 1e-2 * t / 22,
                   1e-2 * (1 + np.cos(np.pi * (t - 22) / 154)) / 2)
   np.testing.assert_allclose(binary, want, rtol=1e-4, atol=1e-9)
+
+  # The packed 1-bit export of the trained QuickNet: the same evaluation.
+  checkpoint = os.path.join(workdir, "train")
+  out = str(tmp_path / "quicknet_digits.bnn.npz")
+  exported = export.export_packed(config, checkpoint, out)
+  assert exported["binary_convs"] == 4 and exported["zero_weights"] == 0
+  want = evaluate.run_evaluation(config, checkpoint)
+  got = packed.run_evaluation(config, out)
+  assert got["count"] == want["count"] == 360
+  assert got["top1"] == want["top1"] and got["top5"] == want["top5"]
+  assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
