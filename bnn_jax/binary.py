@@ -11,8 +11,10 @@ The sign(0) convention is explicit everywhere (`zero_to`):
   * `zero_to=0.0`: sign(0) = 0, what `torch.sign` does, i.e. the reference
     AdamBNN / ReActNet code. Exact zeros are rare except in zero padding.
 
-References: Bi-Real Net (Liu et al. 2018) for `approx_sign`; Larq
-(`larq/quantizers.py`) for `ste_sign` and `swish_sign`; XNOR-Net / ReActNet
+References: Bi-Real Net (Liu et al. 2018) for `approx_sign` and
+`magnitude_aware_sign`; Larq (`larq/quantizers.py`: `SteSign`,
+`ApproxSign`, `SwishSign`, `MagnitudeAwareSign`, whose forward passes and
+pseudo-gradients these reproduce) for `ste_sign` and `swish_sign`; XNOR-Net / ReActNet
 (`HardBinaryConv`) for `scaled_sign_weights`.
 """
 
@@ -31,6 +33,8 @@ __all__ = [
     "swish_sign",
     "scaled_sign_weights",
     "sign_weights",
+    "ste_sign_weights",
+    "magnitude_aware_sign",
     "ACTIVATION_BINARIZERS",
     "get_activation_binarizer",
     "WEIGHT_BINARIZERS",
@@ -246,6 +250,51 @@ def sign_weights(w: jax.Array, zero_to: float = 1.0) -> jax.Array:
   return _sign_weights(w, None, float(zero_to))
 
 
+def ste_sign_weights(w: jax.Array, clip: Optional[float] = 1.0,
+                     zero_to: float = 1.0) -> jax.Array:
+  """Unscaled binary weights with a clipped STE (Larq `SteSign` as kernel quantizer).
+
+  forward:  sign(w), sign(0) = `zero_to`.
+  gradient: d/dw = 1 if |w| <= clip (inclusive) else 0 (QuickNet and
+            BinaryResNetE18 use clip = 1.25); `clip=None`: d/dw = 1.
+  """
+  return _ste_sign(w, None if clip is None else float(clip), float(zero_to))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _magnitude_aware_sign(w, clip, zero_to):
+  return jax.lax.stop_gradient(_scale_per_output_channel(w)) * _sign_forward(
+      w, zero_to)
+
+
+def _magnitude_aware_sign_fwd(w, clip, zero_to):
+  return _magnitude_aware_sign(w, clip, zero_to), w
+
+
+def _magnitude_aware_sign_bwd(clip, zero_to, w, g):
+  del zero_to
+  alpha = _scale_per_output_channel(w.astype(jnp.float32))
+  return (_masked_product(g, alpha * _ste_grad(w.astype(jnp.float32), clip)),)
+
+
+_magnitude_aware_sign.defvjp(_magnitude_aware_sign_fwd,
+                             _magnitude_aware_sign_bwd)
+
+
+def magnitude_aware_sign(w: jax.Array, clip: Optional[float] = 1.0,
+                         zero_to: float = 1.0) -> jax.Array:
+  """Bi-Real Net's magnitude-aware binary weights (Larq `MagnitudeAwareSign`).
+
+  forward:  alpha_o * sign(w[..., o]),  alpha_o = mean |w[..., o]| over every
+            axis but the last (the output channel), as `scaled_sign_weights`.
+  gradient: d/dw[..., o] = alpha_o * 1(|w| <= clip): Larq computes
+            stop_gradient(alpha) * ste_sign(w), so unlike
+            `scaled_sign_weights` the scale *does* multiply the gradient.
+  """
+  return _magnitude_aware_sign(w, None if clip is None else float(clip),
+                               float(zero_to))
+
+
 # ---------------------------------------------------------------------------
 # Registry by name (configs and the command line pick binarisers by name).
 # ---------------------------------------------------------------------------
@@ -271,15 +320,20 @@ def get_activation_binarizer(name: str, zero_to: float = 1.0,
 WEIGHT_BINARIZERS: dict[str, Callable[..., jax.Array]] = {
     "scaled_sign": scaled_sign_weights,
     "sign": sign_weights,
+    "ste_sign": ste_sign_weights,
+    "magnitude_aware_sign": magnitude_aware_sign,
 }
 
 
-def get_weight_binarizer(name: str, zero_to: float = 1.0
+def get_weight_binarizer(name: str, zero_to: float = 1.0, **kwargs
                          ) -> Callable[[jax.Array], jax.Array]:
-  """Returns w -> binary weights for a name in `WEIGHT_BINARIZERS`."""
+  """Returns w -> binary weights for a name in `WEIGHT_BINARIZERS`.
+
+  `kwargs` go to the binariser (e.g. `clip` of "ste_sign").
+  """
   if name not in WEIGHT_BINARIZERS:
     raise ValueError(
         f"unknown weight binarizer {name!r}; choose one of "
         f"{sorted(WEIGHT_BINARIZERS)}")
   fn = WEIGHT_BINARIZERS[name]
-  return lambda w: fn(w, zero_to=zero_to)
+  return lambda w: fn(w, zero_to=zero_to, **kwargs)

@@ -224,11 +224,22 @@ def plan(config: ml_collections.ConfigDict) -> list[str]:
       opt = optim.resolve_config(phase.optimizer)
       k = config.checkpoint_every_steps
       saves = total // k + (1 if total % k else 0)
+      rates = f"{opt.name} lr {float(schedule(0)):.4g} at step 1 -> " \
+          f"{float(schedule(total - 1)):.4g} at step {total} ({opt.schedule})"
+      if opt.groups:  # one chain per parameter group
+        rates = "; ".join(
+            f"group {label}: {g.name} lr {float(s(0)):.4g} at step 1, peak "
+            f"{g.learning_rate:.4g} -> {float(s(total - 1)):.4g} at step "
+            f"{total} ({g.schedule})"
+            for label, s, g in (
+                (label, optim.build_schedule(
+                    optim.group_config(opt, label),
+                    steps_per_epoch=steps_per_epoch, num_epochs=epochs),
+                 optim.group_config(opt, label))
+                for label, _, _ in opt.groups))
       lines.append(
           f"[{name}]   {epochs} epochs x {steps_per_epoch} steps = {total} "
-          f"steps; {opt.name} lr {float(schedule(0)):.4g} at step 1 -> "
-          f"{float(schedule(total - 1)):.4g} at step {total} "
-          f"({opt.schedule}); eval every {config.eval_every_epochs} "
+          f"steps; {rates}; eval every {config.eval_every_epochs} "
           f"epoch(s): {_evals(epochs, config.eval_every_epochs)} x "
           f"{eval_batches} batches; checkpoint every {k} steps and at the "
           f"end: {saves} saves, last {config.keep_checkpoints} kept")

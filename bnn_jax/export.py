@@ -202,6 +202,29 @@ def export_lce(config, checkpoint: str, out: str, phase: str | None = None,
     raise ValueError(f"--lce_python {lce_python} does not exist; make the "
                      "LCE environment with bash tools/make_lce_env.sh")
   header, variables, _ = build_packed(config, checkpoint, phase)
+  return convert_packed_to_lce(header, variables, out, lce_python,
+                               check_examples)
+
+
+def convert_packed_to_lce(header: dict, variables: dict, out: str,
+                          lce_python: str = DEFAULT_LCE_PYTHON,
+                          check_examples: int = 64) -> dict:
+  """`export_lce` from a packed header and variables (`build_packed`'s).
+
+  The ReActNet-A family goes through `bnn_jax.export_lce`, the Larq Zoo
+  models (`bnn_jax.interop.larq_import.supported_models()`) through
+  `bnn_jax.export_lce_zoo`, which builds Larq Zoo's own Keras model and is
+  given the Keras layers in bnn_jax's call order.
+  """
+  import jax
+  import numpy as np
+
+  from bnn_jax import packed
+  from bnn_jax.interop import larq_import
+
+  name = header["model"]["name"]
+  if name in larq_import.supported_models():
+    _check_larq_zoo_layout(name, header["model"]["overrides"])
   shape = tuple(header["input"]["shape"])
   images = np.asarray(jax.random.normal(
       jax.random.key(0), (check_examples,) + shape), np.float32)
@@ -212,17 +235,48 @@ def export_lce(config, checkpoint: str, out: str, phase: str | None = None,
     packed.write(packed_path, header, variables)
     check_path = os.path.join(tmp, "check.npz")
     np.savez(check_path, images=images, logits=logits)
+    command = [lce_python, "-m", "bnn_jax.export_lce",
+               f"--packed={packed_path}", f"--out={out}",
+               f"--check={check_path}"]
+    if name in larq_import.supported_models():
+      layers_path = os.path.join(tmp, "layers.json")
+      with open(layers_path, "w") as f:
+        json.dump([{"kind": l.kind, "keras_name": l.keras_name,
+                    "path": list(l.path)}
+                   for l in larq_import.expected_layers(
+                       name, shape[0], int(header["model"]["num_classes"]))],
+                  f)
+      command[2] = "bnn_jax.export_lce_zoo"
+      command.append(f"--layers={layers_path}")
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [lce_python, "-m", "bnn_jax.export_lce", f"--packed={packed_path}",
-         f"--out={out}", f"--check={check_path}"],
-        capture_output=True, text=True, cwd=src,
+        command, capture_output=True, text=True, cwd=src,
         env=dict(os.environ, PYTHONPATH=src, TF_CPP_MIN_LOG_LEVEL="3"))
   if proc.returncode != 0:
     lines = (proc.stderr or proc.stdout).strip().splitlines()
     raise RuntimeError(f"the LCE conversion failed: "
                        f"{lines[-1] if lines else proc.returncode}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_larq_zoo_layout(name: str, overrides: dict) -> None:
+  """ValueError unless the overrides keep Larq Zoo's layout of `name`.
+
+  The LCE export of a Larq Zoo model builds Larq Zoo's own Keras model;
+  attributes that change its layers (e.g. QuickNet's section_filters) have
+  no Larq Zoo equivalent. sign(0) and binary_* flags are checked elsewhere.
+  """
+  from bnn_jax import models
+  from bnn_jax import packed
+
+  defaults = models.default_attributes(name)
+  changed = {k: v for k, v in packed.model_overrides(overrides).items()
+             if k in defaults and v != defaults[k]
+             and k not in ("zero_to", "binary_weights", "binary_activations")}
+  if changed:
+    raise ValueError(f"the LCE export builds Larq Zoo's own {name}; the "
+                     f"model attributes {changed} have no Larq Zoo "
+                     "equivalent: use --format=packed")
 
 
 def format_line(r: dict) -> str:

@@ -169,18 +169,35 @@ def _conv2d_im2col(x: Array, kernel: Array, strides: int, padding: Padding,
                     preferred_element_type=preferred_element_type)
 
 
-def conv2d_nhwc(x: Array, kernel: Array, strides: int, padding: int,
+def same_padding(size: int, k: int, strides: int) -> tuple[int, int]:
+  """TensorFlow / Keras "same" padding of one axis: (before, after).
+
+  total = max((ceil(size / strides) - 1) * strides + k - size, 0), the
+  smaller half before: a 3x3/2 conv on an even map pads (0, 1).
+  """
+  out = -(-size // strides)
+  total = max((out - 1) * strides + k - size, 0)
+  return total // 2, total - total // 2
+
+
+def conv2d_nhwc(x: Array, kernel: Array, strides: int,
+                padding: Union[int, Padding],
                 preferred_element_type: Optional[Dtype] = None) -> Array:
   """2-D convolution, NHWC input, HWIO kernel, zero padding `padding`.
 
-  Taps that only read padding are dropped first (`trim_padding_taps`).
+  `padding` is p on every side, or ((top, bottom), (left, right)).
+  Taps that only read padding are dropped first (`trim_padding_taps`, for
+  an int padding).
   Small maps (H, W <= SMALL_MAP_SIZE, kernel > 1x1) use `_conv2d_im2col`,
   everything else `lax.conv_general_dilated`; both compute the same sum.
   `preferred_element_type` is the output dtype (None: the operands').
   """
   small = (max(kernel.shape[:2]) > 1
            and max(x.shape[1], x.shape[2]) <= SMALL_MAP_SIZE)
-  kernel, pads = trim_padding_taps(kernel, x.shape[1:3], strides, padding)
+  if isinstance(padding, int):
+    kernel, pads = trim_padding_taps(kernel, x.shape[1:3], strides, padding)
+  else:
+    pads = tuple(tuple(p) for p in padding)
   if small:
     return _conv2d_im2col(x, kernel, strides, pads, preferred_element_type)
   return jax.lax.conv_general_dilated(
@@ -362,12 +379,17 @@ class BinaryConv(nn.Module):
     features: output channels.
     kernel_size: square kernel size k (kernel shape (k, k, C_in, features)).
     strides: spatial stride.
-    padding: zero padding on each side; `None` means (k - 1) // 2.
+    padding: zero padding on each side; `None` means (k - 1) // 2; "SAME"
+      is Keras' "same" (`same_padding`, asymmetric for even maps and
+      stride 2), resolved from the input's size (`resolved_padding`).
     input_binarizer: name in `binary.ACTIVATION_BINARIZERS`, or None to use
       the input as it is.
     kernel_binarizer: name in `binary.WEIGHT_BINARIZERS` ("scaled_sign" =
       alpha * sign(W), the reference), or None for real weights (step 1).
     zero_to: sign(0) for both binarisers.
+    input_binarizer_kwargs / kernel_binarizer_kwargs: extra arguments of the
+      binarisers as (name, value) pairs, e.g. (("clip", 1.25),) for
+      QuickNet's `ste_sign`; () = the binariser's defaults.
     kernel_init: initializer of the latent kernel (reference: U[0, 0.001)).
     dtype: computation dtype of the conv's operands (parameters stay
       float32). Below float32 the output is the float32 sum
@@ -380,10 +402,12 @@ class BinaryConv(nn.Module):
   features: int
   kernel_size: int = 3
   strides: int = 1
-  padding: Optional[int] = None
+  padding: Optional[Union[int, str]] = None
   input_binarizer: Optional[str] = "approx_sign"
   kernel_binarizer: Optional[str] = "scaled_sign"
   zero_to: float = 1.0
+  input_binarizer_kwargs: tuple[tuple[str, Any], ...] = ()
+  kernel_binarizer_kwargs: tuple[tuple[str, Any], ...] = ()
   kernel_init: Callable[..., Array] = reference_kernel_init
   dtype: Dtype = jnp.float32
   operand_dtype: Optional[str] = None
@@ -396,22 +420,41 @@ class BinaryConv(nn.Module):
   def binary_weights(self) -> bool:
     return self.kernel_binarizer is not None
 
+  def resolved_padding(self, input_hw: Sequence[int]
+                       ) -> Union[int, Padding]:
+    """The padding on an input of spatial size `input_hw`: an int p (p on
+    every side) or ((top, bottom), (left, right)) where they differ."""
+    k = self.kernel_size
+    if self.padding is None:
+      return (k - 1) // 2
+    if isinstance(self.padding, int):
+      return self.padding
+    if self.padding != "SAME":
+      raise ValueError(f"BinaryConv padding {self.padding!r}: pass an int, "
+                       "None or 'SAME'")
+    pads = tuple(same_padding(int(n), k, self.strides) for n in input_hw)
+    if len(set(pads)) == 1 and pads[0][0] == pads[0][1]:
+      return pads[0][0]
+    return pads
+
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init,
                         (k, k, x.shape[-1], self.features), jnp.float32)
     if self.kernel_binarizer is not None:
-      kernel = binary.get_weight_binarizer(self.kernel_binarizer,
-                                           self.zero_to)(kernel)
+      kernel = binary.get_weight_binarizer(
+          self.kernel_binarizer, self.zero_to,
+          **dict(self.kernel_binarizer_kwargs))(kernel)
     if self.input_binarizer is not None:
-      binarize = binary.get_activation_binarizer(self.input_binarizer,
-                                                 self.zero_to)
+      binarize = binary.get_activation_binarizer(
+          self.input_binarizer, self.zero_to,
+          **dict(self.input_binarizer_kwargs))
       if self.is_mutable_collection("intermediates"):
         self.sow("intermediates", BINARIZER_STATS_KEY,
                  binarizer_input_stats(binarize, x))
       x = binarize(x)
-    pad = (k - 1) // 2 if self.padding is None else self.padding
+    pad = self.resolved_padding(x.shape[1:3])
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     float32_sum = jnp.dtype(self.dtype).itemsize < 4
     if self.operand_dtype is not None:
@@ -419,6 +462,9 @@ class BinaryConv(nn.Module):
         raise ValueError(f"unknown operand_dtype {self.operand_dtype!r}; "
                          f"choose one of {sorted(BINARY_OPERAND_DTYPES)}")
       if self.binary_inputs and self.binary_weights:
+        if not isinstance(pad, int):
+          raise ValueError("operand_dtype needs the same padding on every "
+                           f"side; got {pad}")
         return binary_conv_low_precision(
             x, kernel, self.strides, pad, self.operand_dtype,
             jnp.float32 if float32_sum else self.dtype)
@@ -451,6 +497,10 @@ class BatchNorm(nn.Module):
   against the spread, the two large terms cancel and bfloat16 keeps none of
   the difference.
 
+  `use_scale=False` / `use_bias=False` drop `scale` (as 1) / `bias` (as 0)
+  from the parameters (Keras `BatchNormalization(scale=False,
+  center=False)`, in QuickNet's stem).
+
   `one_pass_stats=True` computes var_B = mean(x^2) - mu_B^2 (clamped at 0),
   so both statistics come from one pass over x (two reductions XLA can fuse
   into one kernel) instead of mean((x - mu_B)^2), which needs mu_B first;
@@ -463,13 +513,17 @@ class BatchNorm(nn.Module):
   scale_init: Callable[..., Array] = nn.initializers.ones
   dtype: Optional[Dtype] = None
   one_pass_stats: bool = False
+  use_scale: bool = True
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     c = x.shape[-1]
     out_dtype = x.dtype if self.dtype is None else self.dtype
-    scale = self.param("scale", self.scale_init, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    scale = (self.param("scale", self.scale_init, (c,), jnp.float32)
+             if self.use_scale else jnp.ones((c,), jnp.float32))
+    bias = (self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+            if self.use_bias else jnp.zeros((c,), jnp.float32))
     ra_mean = self.variable("batch_stats", "mean",
                             lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var",

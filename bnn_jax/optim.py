@@ -56,6 +56,25 @@ Learning-rate multipliers (`lr_mults`, as big_vision's `lr_mults`): pairs
 a regex (the first that matches) is multiplied by m (0 freezes it); other
 parameters keep m = 1. Every regex must match some parameter.
 
+Parameter groups (`groups`, as optax.partition / Larq's CaseOptimizer):
+triples (label, regex, overrides), overrides a dict of fields or
+(field, value) pairs. A parameter belongs to the first group
+whose regex fullmatches its '/'-joined path; every parameter must belong to
+a group and every group must have a parameter. Each group trains with its
+own chain: the phase's optimizer fields updated by `overrides` (a dict of
+fields: name, learning_rate, schedule, warmup_epochs, momentum, ...), with
+its own schedule; gradient clipping (`grad_clip_norm`) stays global, over
+all groups. The train step logs each group's rate as 'train/lr/<label>'
+(and the first group's as 'train/lr'). QuickNet's recipe:
+  groups = (("binary", BINARY_KERNEL_REGEX, {"name": "adam",
+             "learning_rate": 1e-2}),
+            ("real", ".*", {"name": "sgd", "momentum": 0.9,
+             "learning_rate": 0.1}))
+
+Weight clip (`weight_clip`, Larq's `WeightClip` kernel constraint): after
+the update, w <- clip(w, -c, c) for every parameter of the chain (set it in
+the binary kernels' group).
+
 Learning-rate schedules (`schedule`; base = `learning_rate`, E epochs of S
 steps, T = E * S):
 
@@ -64,6 +83,9 @@ steps, T = E * S):
 * `linear`: base * (1 - t / T), per step.
 * `cosine`: base * (1 + cos(pi * t / T)) / 2.
 * `constant`: base.
+* `step`: base * step_factor^k, k = the number of `step_epochs` boundaries
+  b with t >= b * S (absolute epochs, the warm-up included; Larq Zoo's
+  BinaryResNetE18 and Real-to-Binary schedules).
 An optional linear warm-up from 0 to base over W = `warmup_epochs` * S steps
 comes first; the decay then runs over the remaining T - W steps (E - W / S
 epochs), as in optax.warmup_cosine_decay_schedule. The schedule is passed to
@@ -93,7 +115,7 @@ from bnn_jax import paths
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "bop")
 OPTAX_PREFIX = "optax."
 WEIGHT_DECAY_MODES = ("decoupled", "coupled")
-SCHEDULES = ("linear_epoch", "linear", "cosine", "constant")
+SCHEDULES = ("linear_epoch", "linear", "cosine", "constant", "step")
 # Optimizers dividing by sqrt(v) + eps.
 ADAPTIVE_OPTIMIZERS = ("adam", "adamw", "lamb", "bop")  # bop: Adam on the rest
 
@@ -121,7 +143,10 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
     weight_decay, weight_decay_mode, decay_regexes (None = the reference
     group), lr_mults (None, or (regex, multiplier) pairs), schedule,
     warmup_epochs, momentum and nesterov (sgd), bop_threshold, bop_gamma and
-    bop_rest (bop), grad_clip_norm (None = no clipping).
+    bop_rest (bop), grad_clip_norm (None = no clipping), groups (None, or
+    (label, regex, overrides) triples: one chain per parameter group) and
+    weight_clip (None, or c: w <- clip(w, -c, c) after each update),
+    step_epochs and step_factor (schedule 'step').
   """
   return ml_collections.ConfigDict(dict(
       name="adam",
@@ -142,6 +167,10 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
       bop_gamma=1e-4,
       bop_rest="adam",
       grad_clip_norm=config_dict.placeholder(float),
+      groups=config_dict.placeholder(tuple),
+      weight_clip=config_dict.placeholder(float),
+      step_epochs=config_dict.placeholder(tuple),
+      step_factor=0.1,
   ))
 
 
@@ -330,7 +359,116 @@ def resolve_config(opt_cfg: ConfigLike) -> ml_collections.FrozenConfigDict:
                        f"pairs, e.g. \"(('fc/.*', 0.1),)\", not {pairs!r}")
     c["lr_mults"] = tuple((r, float(m)) for r, m in pairs)
     _check_regexes("lr_mults", [r for r, _ in c["lr_mults"]])
+  clip = c["weight_clip"]
+  _check_range("weight_clip", clip, clip is None or clip > 0, "None or > 0")
+  if c["schedule"] == "step":
+    bounds = c["step_epochs"]
+    if bounds is None or isinstance(bounds, str) or not all(
+        isinstance(b, (int, float)) and b > 0 for b in bounds):
+      raise ValueError("optimizer.schedule='step' needs step_epochs, "
+                       "increasing epochs > 0 such as (70, 90, 110); got "
+                       f"{bounds!r}")
+    c["step_epochs"] = tuple(float(b) for b in bounds)
+    _check_range("step_factor", c["step_factor"], c["step_factor"] > 0,
+                 "> 0")
+  if c["groups"] is not None:
+    c["groups"] = _resolve_groups(c["groups"], given)
   return ml_collections.FrozenConfigDict(c)
+
+
+def _resolve_groups(groups: Any, given: Mapping[str, Any]
+                    ) -> tuple[tuple[str, str, dict], ...]:
+  """The groups as (label, regex, overrides) with each group's config valid."""
+  if isinstance(groups, str) or not all(
+      isinstance(g, (tuple, list)) and len(g) == 3 and isinstance(g[0], str)
+      and isinstance(g[1], str) and _is_overrides(g[2])
+      for g in groups) or not groups:
+    raise ValueError("optimizer.groups must be (label, regex, {field: value}) "
+                     "triples, e.g. ((\"binary\", \".*binary_conv/kernel\", "
+                     f"{{\"name\": \"adam\"}}), ...), not {groups!r}")
+  labels = [g[0] for g in groups]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"optimizer.groups labels {labels} repeat")
+  _check_regexes("groups", [g[1] for g in groups])
+  base = {k: v for k, v in given.items() if k != "groups"}
+  out = []
+  for label, regex, overrides in groups:
+    overrides = _plain(overrides)
+    if "groups" in overrides:
+      raise ValueError(f"optimizer.groups[{label!r}] cannot have groups")
+    try:
+      resolve_config({**base, **overrides})
+    except ValueError as e:
+      raise ValueError(f"optimizer.groups[{label!r}]: {e}") from None
+    # (field, value) pairs: a frozen config holds no dict inside a tuple.
+    out.append((label, regex, tuple(sorted(overrides.items()))))
+  return tuple(out)
+
+
+def _is_overrides(value: Any) -> bool:
+  """A dict of fields, or (field, value) pairs."""
+  return isinstance(value, Mapping) or hasattr(value, "to_dict") or (
+      isinstance(value, (tuple, list)) and all(
+          isinstance(p, (tuple, list)) and len(p) == 2
+          and isinstance(p[0], str) for p in value))
+
+
+def group_config(opt_cfg: ConfigLike, label: str
+                 ) -> ml_collections.FrozenConfigDict:
+  """The optimizer config of group `label`: the phase's fields, overridden
+  by the group's, without groups and without clipping (clipping is global)."""
+  cfg = resolve_config(opt_cfg)
+  base = {k: v for k, v in cfg.to_dict().items() if k != "groups"}
+  for name, _, overrides in cfg.groups:
+    if name == label:
+      return resolve_config({**base, **_plain(overrides),
+                             "grad_clip_norm": None})
+  raise ValueError(f"no optimizer group {label!r}")
+
+
+def _plain(overrides: Any) -> dict:
+  """{field: value} of a dict, a ConfigDict or (field, value) pairs."""
+  return overrides.to_dict() if hasattr(overrides, "to_dict") else dict(
+      overrides)
+
+
+def group_labels(params: Any, groups: Sequence[tuple[str, str, Any]]) -> Any:
+  """The label of each parameter: the first group whose regex fullmatches.
+
+  Raises:
+    ValueError: a parameter in no group, or a group without parameters.
+  """
+  def label(name, _):
+    for group_label, regex, _ in groups:
+      if re.fullmatch(regex, name):
+        return group_label
+    raise ValueError(f"parameter {name!r} is in no optimizer group (regexes "
+                     f"{[g[1] for g in groups]}); add a catch-all '.*' last")
+  labels = _label_tree(params, label, groups[-1][0])
+  empty = sorted(set(g[0] for g in groups) - set(jax.tree.leaves(labels)))
+  if empty:
+    raise ValueError(f"optimizer groups {empty} match no parameter (such as "
+                     f"{_param_names(params)[:4]})")
+  return labels
+
+
+def weight_clip(clip: float) -> optax.GradientTransformation:
+  """Larq's WeightClip after the update: u' = clip(w + u, -c, c) - w."""
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("weight_clip needs the parameters: "
+                       "tx.update(grads, state, params)")
+    clipped = jax.tree.map(
+        lambda u, w: jnp.clip(w + u, -clip, clip).astype(u.dtype) - w,
+        updates, params)
+    return clipped, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 # ---------------------------------------------------------------------------
@@ -627,6 +765,8 @@ def _chain(cfg: ml_collections.FrozenConfigDict,
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   if cfg.lr_mults:
     tx = optax.chain(tx, _lr_multipliers(cfg.lr_mults))
+  if cfg.weight_clip is not None:
+    tx = optax.chain(tx, weight_clip(cfg.weight_clip))
   return tx
 
 
@@ -647,9 +787,34 @@ def build_optimizer(opt_cfg: ConfigLike, *, steps_per_epoch: int,
     to `train_step.make_train_step(..., learning_rate=...)` to log it.
   """
   cfg = resolve_config(opt_cfg)
+  if cfg.groups:
+    groups = tuple((g[0], g[1], _plain(g[2])) for g in cfg.groups)
+    tx = optax.partition(
+        {label: build_optimizer(group_config(cfg, label),
+                                steps_per_epoch=steps_per_epoch,
+                                num_epochs=num_epochs)
+         for label, _, _ in groups},
+        lambda params: group_labels(params, groups))
+    if cfg.grad_clip_norm is not None:
+      tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    return tx
   schedule = build_schedule(cfg, steps_per_epoch=steps_per_epoch,
                             num_epochs=num_epochs)
   return _chain(cfg, schedule)
+
+
+def logged_learning_rate(opt_cfg: ConfigLike, *, steps_per_epoch: int,
+                         num_epochs: int
+                         ) -> Union[optax.Schedule, dict[str, optax.Schedule]]:
+  """What the train step logs: the schedule, or {group label: its schedule}."""
+  cfg = resolve_config(opt_cfg)
+  if not cfg.groups:
+    return build_schedule(cfg, steps_per_epoch=steps_per_epoch,
+                          num_epochs=num_epochs)
+  return {label: build_schedule(group_config(cfg, label),
+                                steps_per_epoch=steps_per_epoch,
+                                num_epochs=num_epochs)
+          for label, _, _ in cfg.groups}
 
 
 # ---------------------------------------------------------------------------
@@ -709,6 +874,10 @@ def build_schedule(opt_cfg: ConfigLike, *, steps_per_epoch: int,
     decay = optax.linear_schedule(base, 0.0, decay_steps)
   elif cfg.schedule == "cosine":
     decay = optax.cosine_decay_schedule(base, decay_steps)
+  elif cfg.schedule == "step":  # boundaries after the warm-up's steps
+    decay = optax.piecewise_constant_schedule(base, {
+        max(round(b * steps_per_epoch) - warmup_steps, 0): cfg.step_factor
+        for b in cfg.step_epochs})
   else:  # "constant"
     decay = optax.constant_schedule(base)
   if warmup_steps == 0:

@@ -116,15 +116,17 @@ def binarize_activations(x: Array, zero_to: float) -> tuple[Array, Array]:
   return pack_bits(positive), pack_bits(nonzero)
 
 
-def _patches(words: Array, k: int, strides: int, padding: int) -> Array:
+def _patches(words: Array, k: int, strides: int, padding) -> Array:
   """[N, Ho, Wo, k * k * words] of [N, H, W, words], zero-padded (tap-major).
 
   Entry (a * k + b) * words + w is word w of input pixel
-  (strides * i + a - padding, strides * j + b - padding), or 0 outside.
+  (strides * i + a - top, strides * j + b - left), or 0 outside; `padding`
+  is p (top = bottom = left = right = p) or ((top, bottom), (left, right)).
   """
   if k == 1 and padding == 0:
     return words[:, ::strides, ::strides, :]
-  xp = jnp.pad(words, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  pads = ((padding, padding),) * 2 if isinstance(padding, int) else padding
+  xp = jnp.pad(words, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
   out_h = (xp.shape[1] - k) // strides + 1
   out_w = (xp.shape[2] - k) // strides + 1
   return jnp.concatenate(
@@ -133,7 +135,7 @@ def _patches(words: Array, k: int, strides: int, padding: int) -> Array:
        for a in range(k) for b in range(k)], axis=-1)
 
 
-def packed_conv(x: Array, weight_bits: Array, strides: int, padding: int,
+def packed_conv(x: Array, weight_bits: Array, strides: int, padding,
                 zero_to: float) -> Array:
   """int32 sum_i B(x)_i * w_i of a binary conv, computed by XNOR-popcount.
 
@@ -141,7 +143,8 @@ def packed_conv(x: Array, weight_bits: Array, strides: int, padding: int,
     x: [N, H, W, C] real activations; B(x) = sign(x) with sign(0) = zero_to,
       zero padding applied after binarisation (padded inputs count 0).
     weight_bits: [k, k, ceil(C / 32), O] uint32 sign bits of the +-1 kernel.
-    strides, padding: as the float convolution's.
+    strides, padding: as the float convolution's (padding p or
+      ((top, bottom), (left, right))).
     zero_to: sign(0) of the activations (+1, 0 or -1).
 
   Returns:
@@ -207,6 +210,15 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
   return tree
 
 
+def _get_or_empty(tree: dict, path: tuple[str, ...]) -> Any:
+  """tree[path], or {} where some name of the path is absent."""
+  for name in path:
+    if name not in tree:
+      return {}
+    tree = tree[name]
+  return tree
+
+
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   for name in path[:-1]:
     tree = tree.setdefault(name, {})
@@ -221,6 +233,12 @@ def _drop(tree: dict, path: tuple[str, ...]) -> None:
     _drop(tree, path[:-1])
 
 
+def _padding_of(module: BinaryConv, input_shape: tuple[int, ...]):
+  """The conv's padding for the header: p, or [[top, bottom], [left, right]]."""
+  pad = module.resolved_padding(input_shape[1:3])
+  return pad if isinstance(pad, int) else [list(p) for p in pad]
+
+
 # Jitted once at module level so that each layer shape compiles once.
 _mean_abs = jax.jit(lambda w: jnp.mean(jnp.abs(w), axis=(0, 1, 2)))
 
@@ -232,10 +250,11 @@ def _fold(scale, bias, mean, var, epsilon):
 
 
 def binary_weight_scale(kernel: np.ndarray, binarizer: str) -> np.ndarray:
-  """alpha_o = mean |W[..., o]| for 'scaled_sign' (by jax), 1 for 'sign'."""
-  if binarizer == "sign":
+  """alpha_o = mean |W[..., o]| for 'scaled_sign' and 'magnitude_aware_sign'
+  (by jax), 1 for 'sign' and 'ste_sign'."""
+  if binarizer in ("sign", "ste_sign"):
     return np.ones(kernel.shape[-1], np.float32)
-  if binarizer != "scaled_sign":
+  if binarizer not in ("scaled_sign", "magnitude_aware_sign"):
     raise ValueError(f"no packed form for kernel binarizer {binarizer!r}")
   return np.asarray(_mean_abs(kernel), np.float32)
 
@@ -246,8 +265,10 @@ def fold_batch_norm(module: BatchNorm, params: dict, stats: dict
 
   m = rsqrt(var + eps) * scale, o = bias - mean * m.
   """
-  m, o = _fold(params["scale"], params["bias"], stats["mean"], stats["var"],
-               float(module.epsilon))
+  c = stats["mean"].shape[-1]
+  m, o = _fold(params.get("scale", np.ones(c, np.float32)),
+               params.get("bias", np.zeros(c, np.float32)), stats["mean"],
+               stats["var"], float(module.epsilon))
   return np.asarray(m, np.float32), np.asarray(o, np.float32)
 
 
@@ -282,17 +303,17 @@ def pack_variables(model: nn.Module, variables: dict,
   for layer in trace_layers(model, input_shape):
     module = layer.module
     if isinstance(module, BatchNorm):
-      m, o = fold_batch_norm(module, _get(params, layer.path),
-                             _get(stats, layer.path))
+      own = _get_or_empty(params, layer.path)  # {} without scale and bias
+      m, o = fold_batch_norm(module, own, _get(stats, layer.path))
       _set(packed, layer.path, {"multiplier": m, "offset": o})
-      _drop(params, layer.path)
+      if own:
+        _drop(params, layer.path)
     elif isinstance(module, BinaryConv) and not module.binary_weights:
       k = module.kernel_size
       real.append({
           "path": "/".join(layer.path), "kernel_size": k,
           "strides": module.strides,
-          "padding": ((k - 1) // 2 if module.padding is None
-                      else module.padding)})
+          "padding": _padding_of(module, layer.input_shape)})
     elif _is_packed_conv(module):
       kernel = _get(params, layer.path)["kernel"]
       zeros = int(np.sum(kernel == 0))
@@ -306,7 +327,7 @@ def pack_variables(model: nn.Module, variables: dict,
       convs.append({
           "path": "/".join(layer.path), "kernel_size": k,
           "strides": module.strides,
-          "padding": (k - 1) // 2 if module.padding is None else module.padding,
+          "padding": _padding_of(module, layer.input_shape),
           "in_channels": int(kernel.shape[2]),
           "out_channels": int(kernel.shape[3]),
           "zero_weights": zeros})
@@ -346,8 +367,7 @@ def _packed_call(next_fun, args, kwargs, context):
     x = args[0]
     bits = module.get_variable(PACKED, "weight_bits")
     scale = module.get_variable(PACKED, "scale")
-    k = module.kernel_size
-    padding = (k - 1) // 2 if module.padding is None else module.padding
+    padding = module.resolved_padding(x.shape[1:3])
     count = packed_conv(x, bits, module.strides, padding, module.zero_to)
     return count.astype(jnp.float32) * scale
   if isinstance(module, BatchNorm):

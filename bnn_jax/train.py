@@ -274,7 +274,12 @@ class MetricLog:
     last_step = steps[-1]
     means = {k: float(np.mean([m[k] for m in fetched]))
              for k in fetched[0] if k != "finite"}
-    means["train/lr"] = float(fetched[-1]["train/lr"])
+    for key in fetched[-1]:  # rates: the last step's, not a mean
+      if key == "train/lr" or key.startswith("train/lr/"):
+        means[key] = float(fetched[-1][key])
+    group_rates = "".join(
+        f" lr/{k[len('train/lr/'):]} {v:.3g}" for k, v in means.items()
+        if k.startswith("train/lr/"))
     self._writer.write_scalars(last_step, means)
     elapsed = time.time() - self._start_time
     rate = (last_step - self._start_step) / max(elapsed, 1e-9)
@@ -283,7 +288,8 @@ class MetricLog:
         f"[{self._phase_name}] step {last_step}/{self._total_steps} "
         f"epoch {math.ceil(last_step / self._steps_per_epoch)}/"
         f"{self._num_epochs} loss {means['train/loss']:.4f} "
-        f"top1 {means['train/top1']:.3f} lr {means['train/lr']:.3g} | "
+        f"top1 {means['train/top1']:.3f} lr {means['train/lr']:.3g}"
+        f"{group_rates} | "
         f"{rate:.1f} steps/s, ETA {_format_seconds(eta)}")
 
 
@@ -412,7 +418,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
   teacher_vars = jax.device_put(teacher_vars, replicated)
   step_fn = jax.jit(
       train_step.make_train_step(model, tx, phase_cfg.loss, teacher_model,
-                                 learning_rate=optim.build_schedule(
+                                 learning_rate=optim.logged_learning_rate(
                                      phase_cfg.optimizer,
                                      steps_per_epoch=steps_per_epoch,
                                      num_epochs=max(num_epochs, 1))),

@@ -141,11 +141,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   rate of this update, learning_rate(state.step) for a schedule (the one
   `tx` was built with, e.g. `optim.build_schedule`) or the number itself;
   without `learning_rate`, the rate an `optax.inject_hyperparams` chain
-  keeps in its state (`optim.learning_rate`), else no 'train/lr'.
+  keeps in its state (`optim.learning_rate`), else no 'train/lr'. A dict
+  {group label: schedule} (`optim.logged_learning_rate` of a config with
+  parameter groups) logs 'train/lr/<label>' for each and 'train/lr' for the
+  first.
   """
   loss_fn = make_loss_fn(model, loss_cfg)
 
   def lr_metric(step, opt_state):
+    if isinstance(learning_rate, dict):  # parameter groups (optim.groups)
+      rates = {f"train/lr/{label}": jnp.asarray(
+          lr(step) if callable(lr) else lr, jnp.float32)
+               for label, lr in learning_rate.items()}
+      return {"train/lr": next(iter(rates.values())), **rates}
     if learning_rate is not None:
       lr = learning_rate(step) if callable(learning_rate) else learning_rate
       return {"train/lr": jnp.asarray(lr, jnp.float32)}

@@ -177,7 +177,8 @@ def test_one_line(error, line, capsys):
      r"optimizer.name='adamm'; choose one of \['adam', 'adamw', 'sgd', "
      r"'lamb', 'bop'\]"),
     (lambda c: setattr(c.phases.step1.optimizer, "schedule", "cosin"),
-     r"choose one of \['linear_epoch', 'linear', 'cosine', 'constant'\]"),
+     r"choose one of \['linear_epoch', 'linear', 'cosine', 'constant', "
+     r"'step'\]"),
     (lambda c: setattr(c.phases.step1, "num_epochs", -1),
      r"num_epochs=-1 must be an integer >= 0"),
     (lambda c: setattr(c, "cpu_malloc", "big"),
@@ -185,12 +186,12 @@ def test_one_line(error, line, capsys):
      r"'glibc'"),
     (lambda c: setattr(c.phases.step1.model, "name", "reactnet_b"),
      r"unknown model 'reactnet_b' \(did you mean 'reactnet_a'\?\); choose "
-     r"one of \['reactnet_18'"),
+     r"one of \['binary_resnet_e18', 'birealnet18', 'quicknet'"),
     (lambda c: setattr(c.phases.step1.model, "activation_binarizer", "sgn"),
      r"unknown activation binarizer 'sgn'; choose one of \['approx_sign'"),
     (lambda c: setattr(c.phases.step2.model, "kernel_binarizer", "xnor"),
-     r"unknown weight binarizer 'xnor'; choose one of \['scaled_sign', "
-     r"'sign'\]"),
+     r"unknown weight binarizer 'xnor'; choose one of "
+     r"\['magnitude_aware_sign', 'scaled_sign', 'sign', 'ste_sign'\]"),
     (lambda c: setattr(c, "batch_size", 0),
      r"config.batch_size=0 must be a positive multiple of the device count"),
     (lambda c: setattr(c.model, "bn_group_size", 5),

@@ -19,6 +19,9 @@ IMAGENET_MODELS = ("reactnet_a", "reactnet_18", "resnet18", "resnet34")
 # Small-input models and the input size they are made for.
 SMALL_MODELS = {"reactnet_a_cifar": 32, "reactnet_small": 8,
                 "resnet18_cifar": 32, "resnet_small": 8}
+# Larq Zoo models: tests/test_zoo_models.py.
+ZOO_MODELS = ("quicknet_small", "quicknet", "quicknet_large", "birealnet18",
+              "binary_resnet_e18", "real_to_binary_net")
 
 
 def _abstract_variables(model, shape=IMAGENET, dtype=jnp.float32):
@@ -48,7 +51,8 @@ def _feature_maps(model, shape):
 
 
 def test_registry_is_complete():
-  assert set(models.MODELS) == set(IMAGENET_MODELS) | set(SMALL_MODELS)
+  assert set(models.MODELS) == (set(IMAGENET_MODELS) | set(SMALL_MODELS)
+                                | set(ZOO_MODELS))
 
 
 @pytest.mark.parametrize("name,params", [

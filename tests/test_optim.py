@@ -475,7 +475,7 @@ def test_bop_with_any_chain_for_the_rest():
     (dict(name="optax.lion", kwargs={"beta": 0.5}), "cannot be called as"),
     (dict(lr_mults="fc/.*"), "pairs"),
     (dict(lr_mults=(("fc/.*", -1.0),)), "pairs"),
-    (dict(schedule="step"), "choose one of"),
+    (dict(schedule="staircase"), "choose one of"),
     (dict(weight_decay_mode="l2"), "choose one of"),
     (dict(learning_rate=0.0), "> 0"),
     (dict(weight_decay=-1.0), ">= 0"),

@@ -14,6 +14,11 @@ Small-input variants (documented changes from the ImageNet layouts):
 * `resnet18_cifar`: ResNet-18 with a 3x3/1 stem and no maxpool.
 * `resnet_small`: 3 stages of one BasicBlock (32-64-128), 3x3/1 stem: the
   real-valued teacher for 8x8 digits.
+
+Larq Zoo 2.4.0's models, layer for layer (docs/models.md): `quicknet_small`,
+`quicknet`, `quicknet_large` (models/quicknet.py), `birealnet18`
+(models/birealnet.py), `binary_resnet_e18` (models/binary_resnet_e.py),
+`real_to_binary_net` (models/real_to_binary.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
+from bnn_jax.models import quicknet
+from bnn_jax.models.binary_resnet_e import BinaryResNetE
+from bnn_jax.models.birealnet import BiRealNet
+from bnn_jax.models.real_to_binary import RealToBinaryNet
 from bnn_jax.models.reactnet import REACTNET_A_CHANNELS, ReActNet18, ReActNetA
 from bnn_jax.models.resnet import ResNet
 
@@ -40,6 +49,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
                                         stem="small"),
     "resnet_small": functools.partial(ResNet, stage_sizes=(1, 1, 1),
                                       widths=(32, 64, 128), stem="small"),
+    # Larq Zoo models (docs/models.md), layer for layer.
+    "quicknet_small": functools.partial(quicknet.QuickNet,
+                                        **quicknet.QUICKNET_SMALL),
+    "quicknet": functools.partial(quicknet.QuickNet, **quicknet.QUICKNET),
+    "quicknet_large": functools.partial(quicknet.QuickNet,
+                                        **quicknet.QUICKNET_LARGE),
+    "birealnet18": BiRealNet,
+    "binary_resnet_e18": BinaryResNetE,
+    "real_to_binary_net": RealToBinaryNet,
 }
 
 
