@@ -74,18 +74,20 @@ def test_repo_root_configs_are_the_packaged_ones():
 
 def test_configs_dirs_hold_only_configs():
   """Every configs/*.py (but __init__) is a shipped config with get_config;
-  the shared analysis base is named as what it is, not a config."""
+  the shared bases in bnn_jax/configs are named *_base and say what they
+  are."""
   from bnn_jax import configs  # noqa: PLC0415
   root = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
                 if p.stem != "__init__")
   assert root == sorted(configs.NAMES)
   packaged = sorted(p.stem for p in (ROOT / "bnn_jax" / "configs").glob("*.py")
                     if p.stem not in ("__init__", "__main__"))
-  assert packaged == sorted([*configs.NAMES, "analysis_base"])
-  base = load_by_path("analysis_base", str(ROOT / "bnn_jax" / "configs" /
-                                           "analysis_base.py"))
-  assert not hasattr(base, "get_config")
-  assert base.__doc__.startswith("Not a config:")
+  bases = [n for n in packaged if n not in configs.NAMES]
+  assert bases == ["analysis_base", "larq_zoo_base"]
+  for name in bases:
+    base = load_by_path(name, str(ROOT / "bnn_jax" / "configs" / f"{name}.py"))
+    assert not hasattr(base, "get_config")
+    assert base.__doc__.startswith("Not a config:")
 
 
 def test_configs_command_usage():

@@ -22,10 +22,13 @@ import os
 import sys
 
 # The runnable configs, by name (the module bnn_jax.configs.<name>);
-# bnn_jax.configs.analysis_base is not a config: the shared base of the two
-# analysis configs.
+# The modules named *_base are not configs: analysis_base is the shared base
+# of the two analysis configs, larq_zoo_base that of the zoo configs.
 NAMES = ("digits", "digits_adam_vs_sgd", "digits_weight_decay", "cifar10",
-         "adambnn_imagenet", "reactnet_a_imagenet")
+         "adambnn_imagenet", "reactnet_a_imagenet", "quicknet_digits",
+         "quicknet_small_imagenet", "quicknet_imagenet",
+         "quicknet_large_imagenet", "birealnet18_imagenet",
+         "binary_resnet_e18_imagenet", "real_to_binary_net_imagenet")
 
 
 def path(name: str) -> str:

@@ -11,11 +11,11 @@ weights instead, import them (python -m bnn_jax.import_larq --model=binary_resne
 --weights=FILE.h5 --out=DIR) and evaluate or fine-tune with init_from=DIR.
 """
 
-from bnn_jax.configs import larq_zoo_recipes
+from bnn_jax.configs import larq_zoo_base
 
 
 def get_config():
-  config = larq_zoo_recipes.imagenet_config(batch_size=1024)
+  config = larq_zoo_base.imagenet_config(batch_size=1024)
   config.phase_order = "train"
-  config.phases.train = larq_zoo_recipes.binary_resnet_e_phase()
+  config.phases.train = larq_zoo_base.binary_resnet_e_phase()
   return config

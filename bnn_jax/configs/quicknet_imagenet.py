@@ -12,11 +12,11 @@ weights instead, import them (python -m bnn_jax.import_larq --model=quicknet
 --weights=FILE.h5 --out=DIR) and evaluate or fine-tune with init_from=DIR.
 """
 
-from bnn_jax.configs import larq_zoo_recipes
+from bnn_jax.configs import larq_zoo_base
 
 
 def get_config():
-  config = larq_zoo_recipes.imagenet_config(batch_size=2048)
+  config = larq_zoo_base.imagenet_config(batch_size=2048)
   config.phase_order = "train"
-  config.phases.train = larq_zoo_recipes.quicknet_phase("quicknet")
+  config.phases.train = larq_zoo_base.quicknet_phase("quicknet")
   return config

@@ -1,4 +1,7 @@
-"""Larq Zoo's training recipes (larq_zoo/training, larq-zoo 2.4.0) as phases.
+"""Not a config: Larq Zoo's training recipes (larq-zoo 2.4.0) as phases.
+
+The shared base of the zoo configs (quicknet*_imagenet.py, birealnet18_,
+binary_resnet_e18_ and real_to_binary_net_imagenet.py, quicknet_digits.py).
 
 Each returns one phase trained from scratch with cross-entropy:
 
