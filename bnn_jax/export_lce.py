@@ -226,14 +226,22 @@ class _Net:
 
 def convert(packed_path: str, out: str, check: str | None = None) -> dict:
   """Builds, converts and (with `check`) verifies; returns a JSON summary."""
-  import larq_compute_engine as lce
-
   header, arrays = read_packed(packed_path)
   name = header["model"]["name"]
   if name not in REACTNET_A_FAMILY:
     raise ValueError(f"the LCE export knows the ReActNet-A family "
                      f"{REACTNET_A_FAMILY}, not {name!r}")
   model = _Net(header, arrays).build(tuple(header["input"]["shape"]))
+  return convert_and_check(model, header, out, check)
+
+
+def convert_and_check(model, header: dict, out: str,
+                      check: str | None = None) -> dict:
+  """Converts the Keras `model` to LCE's .tflite at `out` (atomically);
+  with `check` (an .npz of `images` and the packed forward's `logits`),
+  compares the interpreter's logits with them. A JSON summary."""
+  import larq_compute_engine as lce
+
   flatbuffer = lce.convert_keras_model(model)
   with open(out + ".tmp", "wb") as f:
     f.write(flatbuffer)

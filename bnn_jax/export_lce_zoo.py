@@ -51,7 +51,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from bnn_jax.export_lce import read_packed, unpack_kernel  # noqa: E402
+from bnn_jax.export_lce import convert_and_check, read_packed, unpack_kernel  # noqa: E402
 
 _NUMBER = re.compile(r"_\d+$")
 NAMED = {"real_to_binary_net": "r2b_bnn_"}
@@ -153,39 +153,11 @@ def build(header: dict, arrays: dict[str, np.ndarray], layers: list[dict]):
 def convert(packed_path: str, layers_path: str, out: str,
             check: str | None = None) -> dict:
   """Builds, converts and (with `check`) verifies; returns a JSON summary."""
-  import larq_compute_engine as lce
-
   header, arrays = read_packed(packed_path)
   with open(layers_path) as f:
     layers = json.load(f)
   model = build(header, arrays, layers)
-  flatbuffer = lce.convert_keras_model(model)
-  with open(out + ".tmp", "wb") as f:
-    f.write(flatbuffer)
-  os.replace(out + ".tmp", out)
-  ops = sorted(op for op in ("LceQuantize", "LceBconv2d", "LceDequantize")
-               if op.encode() in flatbuffer)
-  result = {"format": "lce", "out": os.path.abspath(out),
-            "bytes": len(flatbuffer), "ops": ops,
-            "activation_sign_zero_in_file": header["sign_zero"]["activations"],
-            "activation_sign_zero_in_lce": 1.0}
-  if check:
-    from larq_compute_engine.tflite.python.interpreter import Interpreter
-    with np.load(check) as data:
-      images, want = data["images"], data["logits"]
-    keras_logits = model.predict(images, verbose=0)
-    got = np.asarray(Interpreter(flatbuffer, num_threads=1).predict(images))
-    got = got.reshape(want.shape)
-    result.update({
-        "examples": int(images.shape[0]),
-        "predictions_equal": bool(np.array_equal(got.argmax(-1),
-                                                 want.argmax(-1))),
-        "prediction_agreement": float(np.mean(got.argmax(-1)
-                                              == want.argmax(-1))),
-        "max_abs_logit_diff": float(np.abs(got - want).max()),
-        "max_abs_logit": float(np.abs(want).max()),
-        "keras_max_abs_logit_diff": float(np.abs(keras_logits - want).max())})
-  return result
+  return convert_and_check(model, header, out, check)
 
 
 def main() -> None:
