@@ -20,7 +20,6 @@ import time
 import pytest
 
 from bnn_jax import multihost
-from bnn_jax.datasets import digits
 import multiprocess_util  # tests/ is on sys.path (rootdir conftest)
 
 _HEARTBEAT_TIMEOUT_S = 10
@@ -70,16 +69,10 @@ def _kill_mid_phase(workdir, data_dir, log, victim, at_step):
   return survivor.returncode, seconds, run.output(1 - victim)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  digits.prepare(path)  # Once, before the processes read it.
-  return path
-
-
 @pytest.mark.slow
 def test_sigkill_to_a_process_stops_the_other_then_resumes_bitwise(
-    data_dir, tmp_path):
+    digits_data_dir, tmp_path):
+  data_dir = digits_data_dir  # Built once, before the processes read it.
   reference = multiprocess_util.start(
       _flags(tmp_path / "reference", data_dir), str(tmp_path / "reference"),
       processes=2)
