@@ -50,10 +50,8 @@ def small_fs(tmp_path):
   except (OSError, subprocess.CalledProcessError) as e:
     pytest.skip(f"cannot mount a tmpfs here (needs root): {e}")
   yield root
-  for _ in range(3):  # The read-only view, then the tmpfs.
-    if subprocess.run(["umount", str(root / "workdir")],
-                      capture_output=True).returncode != 0:
-      break
+  # The read-only view over the workdir, if the test mounted one; the tmpfs.
+  subprocess.run(["umount", str(root / "workdir")], capture_output=True)
   subprocess.run(["umount", "-l", str(root)], check=True)
 
 
