@@ -16,6 +16,7 @@ hand-off, `init_from`, teachers and evaluation. Directories may be local or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging as py_logging
 import os
@@ -26,6 +27,7 @@ from typing import Any, Optional
 
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from bnn_jax import paths
@@ -380,3 +382,39 @@ def load_variables(directory: paths.PathLike, step: Optional[int] = None
   variables = {"params": state["params"],
                "batch_stats": state.get("batch_stats", {})}
   return jax.device_get(variables), meta
+
+
+# ---------------------------------------------------------------------------
+# Variables: their fingerprint, and the check that they fit a model.
+# ---------------------------------------------------------------------------
+def params_sha256(params: Any) -> str:
+  """SHA-256 over every parameter's path, dtype, shape and bytes (sorted paths)."""
+  h = hashlib.sha256()
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+  for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    arr = np.ascontiguousarray(np.asarray(leaf))
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str(arr.dtype).encode() + str(arr.shape).encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def check_variables_match(expected: Any, given: Any, what: str) -> None:
+  """Raises ValueError listing missing, unexpected and mis-shaped variables."""
+  exp = {paths.tree_path(p): tuple(v.shape) for p, v in
+         jax.tree_util.tree_flatten_with_path(expected)[0]}
+  got = {paths.tree_path(p): tuple(np.shape(v)) for p, v in
+         jax.tree_util.tree_flatten_with_path(given)[0]}
+  missing = sorted(set(exp) - set(got))
+  extra = sorted(set(got) - set(exp))
+  shapes = sorted(f"{k} {got[k]} (model wants {exp[k]})"
+                  for k in set(exp) & set(got) if exp[k] != got[k])
+  problems = []
+  for label, names in (("missing", missing), ("unexpected", extra),
+                       ("mis-shaped", shapes)):
+    if names:
+      shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)"
+                                      if len(names) > 8 else "")
+      problems.append(f"{label}: {shown}")
+  if problems:
+    raise ValueError(f"{what} does not match the model: " + "; ".join(problems))

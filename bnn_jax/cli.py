@@ -16,11 +16,15 @@ exit status 1 and ONE line on stderr,
   error: <the exception's message, at most its first two lines joined>
 
 instead of a traceback; `--debug` re-raises the exception to show it.
-`main`, `evaluate`, `import_torch`, `analyze` and `benchmark` all use
-`reporting_errors`:
+Every `python -m bnn_jax.<name>` command starts the same way
+(`run_command`) and wraps its work in `reporting_errors`:
 
-  with cli.reporting_errors(debug=FLAGS.debug):
-    result = run(...)
+  def main(argv):
+    with cli.reporting_errors(debug=FLAGS.debug):
+      result = run(...)
+
+  if __name__ == "__main__":
+    cli.run_command(main, define_flags=define_flags)
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Callable, Iterator, NoReturn, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 from absl import logging
 
@@ -63,7 +67,7 @@ def fail(message: str) -> NoReturn:
   On a process other than 0 of a multi-process run the line starts with
   `[process i] ` (`multihost.prefix`).
   """
-  from bnn_jax import multihost  # pylint: disable=g-import-not-at-top
+  from bnn_jax.training import multihost  # pylint: disable=g-import-not-at-top
   print(f"{multihost.prefix()}error: {message}", file=sys.stderr, flush=True)
   sys.exit(1)
 
@@ -184,3 +188,34 @@ def quiet_logging(level: Optional[int] = None) -> None:
   if not verbose() and "tensorflow_datasets" in sys.modules:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     tfds.display_progress_bar(False)
+
+
+def run_command(main: Callable[[list[str]], Any], *,
+                define_flags: Optional[Callable[[], None]] = None,
+                flags_parser: Optional[Callable[[list[str]], Any]] = None,
+                quiet_tensorflow: bool = False,
+                xla: bool = True) -> None:
+  """The preamble of every `python -m bnn_jax.<name>` command, then absl runs `main`.
+
+  In order, before TensorFlow or JAX is imported: TF_CPP_MIN_LOG_LEVEL=3
+  unless set (TensorFlow's C++ INFO lines); with `xla`, bnn_jax's XLA
+  defaults (`xla_defaults.apply`, read when JAX starts its backend); with
+  `quiet_tensorflow`, TensorFlow imported without its start-up lines
+  (`quiet_imports`; for commands whose config file imports it); the
+  command's flags (`define_flags`); then `app.run(main, flags_parser)`.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  from bnn_jax import xla_defaults  # pylint: disable=g-import-not-at-top
+
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if xla:
+    xla_defaults.apply()
+  if quiet_tensorflow:
+    quiet_imports()
+  if define_flags is not None:
+    define_flags()
+  if flags_parser is None:
+    app.run(main)
+  else:
+    app.run(main, flags_parser=flags_parser)

@@ -46,7 +46,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from bnn_jax import dynamics
-from bnn_jax import input_pipeline
+from bnn_jax.training import input_pipeline
 from bnn_jax import losses
 from bnn_jax import models
 from bnn_jax import optim

@@ -36,15 +36,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from typing import Any
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from bnn_jax import xla_defaults
+from bnn_jax import cli
 
 FLAGS = flags.FLAGS
 FORMATS = ("packed", "lce")
@@ -105,14 +103,14 @@ def build_packed(config, checkpoint: str, phase: str | None = None
                  ) -> tuple[dict, dict, dict]:
   """(header, packed variables, loaded phase) of a checkpoint.
 
-  `loaded` is `evaluate.load_phase`'s dict (model, float variables, ...).
+  `loaded` is `evaluation.load_phase`'s dict (model, float variables, ...).
   """
-  from bnn_jax import evaluate
+  from bnn_jax.training import evaluation
   from bnn_jax import models
   from bnn_jax import packed
-  from bnn_jax import preprocess
+  from bnn_jax.training import preprocess
 
-  loaded = evaluate.load_phase(config, checkpoint, phase)
+  loaded = evaluation.load_phase(config, checkpoint, phase)
   model, info = loaded["model"], loaded["info"]
   input_shape = tuple(int(d) for d in info.image_shape)
   check_exportable(model, loaded["phase"], input_shape)
@@ -189,14 +187,9 @@ def export_lce(config, checkpoint: str, out: str, phase: str | None = None,
 
   The packed file and the packed forward's logits on `check_examples`
   random normal inputs are written to a temporary directory; `lce_python
-  -m bnn_jax.export_lce` builds the Larq model from them, converts it and
-  compares the interpreter's logits and predictions.
+  -m bnn_jax.deploy.export_lce` builds the Larq model from them, converts
+  it and compares the interpreter's logits and predictions.
   """
-  import jax
-  import numpy as np
-
-  from bnn_jax import packed
-
   _refuse_existing(out)
   if not os.path.isfile(lce_python):
     raise ValueError(f"--lce_python {lce_python} does not exist; make the "
@@ -235,7 +228,7 @@ def convert_packed_to_lce(header: dict, variables: dict, out: str,
     packed.write(packed_path, header, variables)
     check_path = os.path.join(tmp, "check.npz")
     np.savez(check_path, images=images, logits=logits)
-    command = [lce_python, "-m", "bnn_jax.export_lce",
+    command = [lce_python, "-m", "bnn_jax.deploy.export_lce",
                f"--packed={packed_path}", f"--out={out}",
                f"--check={check_path}"]
     if name in larq_import.supported_models():
@@ -246,7 +239,7 @@ def convert_packed_to_lce(header: dict, variables: dict, out: str,
                    for l in larq_import.expected_layers(
                        name, shape[0], int(header["model"]["num_classes"]))],
                   f)
-      command[2] = "bnn_jax.export_lce_zoo"
+      command[2] = "bnn_jax.deploy.export_lce_zoo"
       command.append(f"--layers={layers_path}")
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
@@ -294,7 +287,7 @@ def format_line(r: dict) -> str:
 
 def main(argv):
   del argv
-  try:
+  with cli.reporting_errors(debug=FLAGS.debug):
     if FLAGS.config is None or FLAGS.checkpoint is None or FLAGS.out is None:
       raise ValueError("pass --config=configs/<name>.py, --checkpoint=<dir> "
                        "and --out=<file>")
@@ -305,18 +298,8 @@ def main(argv):
       result = export_lce(FLAGS.config, FLAGS.checkpoint, FLAGS.out,
                           FLAGS.phase, FLAGS.lce_python,
                           FLAGS.lce_check_examples)
-  except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
-    if FLAGS.debug:
-      raise
-    message = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
   print(json.dumps(result) if FLAGS.json else format_line(result), flush=True)
 
 
 if __name__ == "__main__":
-  # Before TensorFlow / JAX are imported (lazily, in the functions above).
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  xla_defaults.apply()
-  define_flags()
-  app.run(main)
+  cli.run_command(main, define_flags=define_flags)

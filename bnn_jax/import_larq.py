@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 
-from absl import app
 from absl import flags
 
 from bnn_jax import cli
@@ -76,5 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run_command(main, define_flags=define_flags)

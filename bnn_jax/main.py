@@ -29,14 +29,13 @@ import sys
 
 from bnn_jax import cli
 from bnn_jax import malloc_defaults
-from bnn_jax import multihost
+from bnn_jax.training import multihost
 from bnn_jax import xla_defaults
 
 # Before JAX is imported: the measured-faster XLA:CPU conv path unless
 # XLA_FLAGS is set.
 xla_defaults.apply()
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -102,15 +101,14 @@ def _run(argv) -> int:
 
   cli.quiet_logging()
   if FLAGS.dry_run:
-    from bnn_jax import dry_run
+    from bnn_jax.training import dry_run
     return dry_run.run(FLAGS.config, FLAGS.workdir)
 
-  from bnn_jax import phases
-  from bnn_jax import train
-
+  from bnn_jax.training import phases
+  from bnn_jax.training import loop
   try:
     phases.run(FLAGS.config, workdir, overwrite=FLAGS.overwrite)
-  except train.Preempted as e:
+  except loop.Preempted as e:
     if multihost.process_index() == 0:
       print(f"stopped: {e}", file=sys.stderr, flush=True)
     return EXIT_PREEMPTED
@@ -172,6 +170,5 @@ if __name__ == "__main__":
   # Before the flags load the config file (which imports TensorFlow):
   # TensorFlow without its start-up INFO lines (--verbose shows them). The
   # supervisor above never imports it.
-  cli.quiet_imports()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=parse_flags)
+  cli.run_command(main, flags_parser=parse_flags, quiet_tensorflow=True)

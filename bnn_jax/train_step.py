@@ -42,6 +42,21 @@ class TrainState:
   def variables(self) -> dict:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
+  @classmethod
+  def create(cls, tx, variables: dict) -> "TrainState":
+    """Step 0 from {'params', 'batch_stats'}: the one constructor of a state
+    (a fresh init, a hand-off, `init_from`, the benchmarks, the dry run)."""
+    return cls(step=jnp.zeros((), jnp.int32), params=variables["params"],
+               batch_stats=variables.get("batch_stats", {}),
+               opt_state=tx.init(variables["params"]))
+
+
+def init_state(model, tx, rng: jax.Array,
+               image_shape: tuple[int, ...]) -> TrainState:
+  """A fresh state: `model.init(rng, zeros((1, *image_shape)))`, step 0, `tx.init`."""
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  return TrainState.create(tx, model.init(rng, dummy, train=False))
+
 
 # Leaves with at most this many elements are reduced together, as one
 # concatenated vector: ReActNet-A has hundreds of per-channel leaves (shifts,

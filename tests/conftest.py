@@ -73,7 +73,7 @@ def trained_digits(tmp_path_factory, digits_data_dir) -> TrainedRun:
   """ONE real digits run (teacher -> step1 with KD -> step2 hand-off), shared
   by the training, evaluation, dynamics and analysis tests. Read it, never
   write into its workdir; copy the config before changing it."""
-  from bnn_jax import phases  # noqa: PLC0415
+  from bnn_jax.training import phases  # noqa: PLC0415
 
   workdir = str(tmp_path_factory.mktemp("digits_run"))
   config = tiny_digits_config(digits_data_dir)

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from bnn_jax import benchmark
+from bnn_jax.tools import benchmark
 from bnn_jax import xla_defaults
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bnn_jax import benchmark_inference
+from bnn_jax.tools import benchmark_inference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bnn_jax import benchmark_input
+from bnn_jax.tools import benchmark_input
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bnn_jax import optim
-from bnn_jax import train
+from bnn_jax import models
 from bnn_jax.configs import adambnn_imagenet
 from bnn_jax.configs import reactnet_a_imagenet
 
@@ -24,7 +24,7 @@ def test_config_builds_every_phase(name):
   num_classes = {"digits": 10, "cifar10": 10}.get(name, 1000)
   for phase in order:
     cfg = config.phases[phase]
-    model = train.build_model(config, cfg.model, num_classes)
+    model = models.from_config(config, cfg.model, num_classes)
     optim.build_optimizer(cfg.optimizer, steps_per_epoch=10,
                           num_epochs=max(cfg.num_epochs, 1))
     size = {"digits": 8, "cifar10": 32}.get(name, 224)

@@ -29,7 +29,7 @@ import warnings
 import pytest
 
 from bnn_jax import checkpoint as checkpoint_lib
-from bnn_jax import phases
+from bnn_jax.training import phases
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LATEST, _EARLIER = 11, 8

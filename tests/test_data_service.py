@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from bnn_jax import data_service
-from bnn_jax import input_pipeline
-from bnn_jax import phases
+from bnn_jax.training import data_service
+from bnn_jax.training import input_pipeline
+from bnn_jax.training import phases
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +67,7 @@ def digits_cfg(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imagenet_dir(tmp_path_factory):
   """12 synthetic train JPEGs written as a TFDS imagenet2012."""
-  from bnn_jax import benchmark_input  # pylint: disable=g-import-not-at-top
+  from bnn_jax.tools import benchmark_input  # pylint: disable=g-import-not-at-top
 
   data_dir = str(tmp_path_factory.mktemp("imagenet"))
   benchmark_input.prepare(data_dir, num_train=12, num_validation=4)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from bnn_jax import topology
+from bnn_jax.training import topology
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +106,7 @@ def test_dry_run_passes_for_every_config(devices, tmp_path):
 def test_dry_run_refuses_a_batch_that_does_not_split(tmp_path):
   """8 devices (conftest), in-process: the one-line error, nothing written."""
   from configs import digits as digits_config
-  from bnn_jax import dry_run
+  from bnn_jax.training import dry_run
   config = digits_config.get_config()
   config.dataset.data_dir = str(tmp_path / "tfds")
   config.batch_size = 60

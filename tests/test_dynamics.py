@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from bnn_jax import analyze
+from bnn_jax.tools import analyze
 from bnn_jax import dynamics
 from bnn_jax import layers
 from bnn_jax import optim

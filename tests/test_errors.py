@@ -12,12 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from bnn_jax import analyze
+from bnn_jax.tools import analyze
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import cli
-from bnn_jax import input_pipeline
+from bnn_jax.training import input_pipeline
 from bnn_jax import main as main_lib
-from bnn_jax import phases
+from bnn_jax.training import phases
 from configs import digits as digits_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bnn_jax.training import evaluation
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import evaluate
 
@@ -19,7 +20,7 @@ def test_evaluation_matches_the_training_evaluation(trained_digits):
   """The phase's own final top-1/top-5, over every example once; the
   checkpoint named as a workdir plus a phase."""
   config, workdir, results = trained_digits
-  result = evaluate.run_evaluation(config, workdir, "teacher")
+  result = evaluation.evaluate_checkpoint(config, workdir, "teacher")
   assert result["checkpoint"] == os.path.join(workdir, "teacher")
   assert result["count"] == DIGITS_TEST_EXAMPLES
   assert (result["dataset"], result["split"]) == ("digits", "test")
@@ -83,6 +84,6 @@ def test_wrong_model_for_the_checkpoint_is_named(trained_digits):
   config, workdir, _ = trained_digits
   # The default phase is the last of phase_order; step2 is a ReActNet.
   with pytest.raises(ValueError, match=r"missing: .*block_1/.*unexpected: "):
-    evaluate.run_evaluation(config, os.path.join(workdir, "teacher"))
+    evaluation.evaluate_checkpoint(config, os.path.join(workdir, "teacher"))
   with pytest.raises(ValueError, match=r"--phase='nope' is not a phase"):
-    evaluate.run_evaluation(config, os.path.join(workdir, "teacher"), "nope")
+    evaluation.evaluate_checkpoint(config, os.path.join(workdir, "teacher"), "nope")

@@ -14,12 +14,13 @@ import jax
 import numpy as np
 import pytest
 
+from bnn_jax.training import evaluation
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import evaluate
 from bnn_jax import export
 from bnn_jax import models
 from bnn_jax import packed
-from bnn_jax import phases
+from bnn_jax.training import phases
 from configs import digits as digits_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,8 +74,8 @@ def test_digits_packed_file_is_small_and_evaluates_as_the_float_model(
   assert header["input"]["shape"] == [8, 8, 1]
   assert header["input"]["mean"] == [0.30543]
 
-  want = evaluate.run_evaluation(config, checkpoint)
-  got = packed.run_evaluation(config, out)
+  want = evaluation.evaluate_checkpoint(config, checkpoint)
+  got = evaluation.evaluate_packed(config, out)
   assert got["count"] == want["count"] == 360
   assert got["top1"] == want["top1"] and got["top5"] == want["top5"]
   assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
@@ -103,7 +104,7 @@ def test_recorded_sign_zero_is_honoured(digits_step2, tmp_path):
       "phase": "import_torch",
       "model": {"name": "reactnet_small", "zero_to": 0.0}})
   assert config.phases.step2.model.zero_to == 1.0
-  loaded = evaluate.load_phase(config, torch_like, "step2")
+  loaded = evaluation.load_phase(config, torch_like, "step2")
   assert loaded["model"].zero_to == 0.0
   header, _, _ = export.build_packed(config, torch_like, "step2")
   assert header["sign_zero"]["activations"] == 0.0

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from bnn_jax import multihost
+from bnn_jax.training import multihost
 import multiprocess_util  # tests/ is on sys.path (rootdir conftest)
 
 _HEARTBEAT_TIMEOUT_S = 10

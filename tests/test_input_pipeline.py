@@ -12,7 +12,7 @@ from sklearn import datasets as sklearn_datasets
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bnn_jax import input_pipeline
+from bnn_jax.training import input_pipeline
 from bnn_jax.datasets import digits
 
 # tests/testdata/<name>/<version>/ holds the metadata mock_data needs; its

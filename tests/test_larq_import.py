@@ -22,7 +22,7 @@ import pytest
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import export
 from bnn_jax import models
-from bnn_jax import train
+
 from bnn_jax.interop import larq_import
 from bnn_jax.models import quicknet
 
@@ -210,7 +210,7 @@ def test_import_cli_checkpoint_evaluates_as_keras(tmp_path):
   abstract = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False),
       jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
-  train.check_variables_match(abstract, variables, "imported")
+  checkpoint_lib.check_variables_match(abstract, variables, "imported")
   got = jax.jit(lambda v, x: model.apply(v, x, train=False))(
       variables, ref["images"])
   _check_logits(got, ref["logits"])

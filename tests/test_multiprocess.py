@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 
 from bnn_jax import checkpoint as checkpoint_lib
-from bnn_jax import multihost
-from bnn_jax import phases
-from bnn_jax import train
+from bnn_jax.training import multihost
+from bnn_jax.training import phases
+from bnn_jax.training import topology
 from bnn_jax.datasets import digits
 from configs import digits as digits_config
 
@@ -197,7 +197,7 @@ os.abort()
 
 
 def _supervised(code, debug=False):
-  script = ("import sys\nfrom bnn_jax import multihost\n"
+  script = ("import sys\nfrom bnn_jax.training import multihost\n"
             "sys.exit(multihost.supervise([sys.executable, '-c', sys.argv[1]],"
             f" debug={debug}))")
   return subprocess.run([sys.executable, "-c", script, code],
@@ -278,7 +278,7 @@ def two_runs(tmp_path_factory):
       # Meanwhile, the reference: one process, 2 of this process's devices.
       start = time.monotonic()
       phases.run(_config(data_dir), one_dir,
-                 mesh=train.make_mesh(jax.devices()[:2]))
+                 mesh=topology.make_mesh(jax.devices()[:2]))
       process.wait(timeout=max(_TIMEOUT_S - (time.monotonic() - start), 1))
     finally:
       if process.poll() is None:  # Timed out or the reference failed.

@@ -18,7 +18,7 @@ import pytest
 
 from bnn_jax import configs
 from bnn_jax import optim
-from bnn_jax import phases
+from bnn_jax.training import phases
 from bnn_jax.configs import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from bnn_jax import paths
-from bnn_jax import phases
+from bnn_jax.training import phases
 from configs import digits as digits_config
 
 

@@ -4,18 +4,18 @@ import jax
 import numpy as np
 import pytest
 
-from bnn_jax import phases
-from bnn_jax import train
+from bnn_jax.training import phases
+from bnn_jax.training import loop
 from configs import digits as digits_config
 
 
 def test_phase_seeds_depend_on_name_and_seed_only():
-  key_a, data_a = train.phase_seeds(0, "step2")
-  key_b, data_b = train.phase_seeds(0, "step2")
+  key_a, data_a = loop.phase_seeds(0, "step2")
+  key_b, data_b = loop.phase_seeds(0, "step2")
   assert data_a == data_b
   np.testing.assert_array_equal(jax.random.key_data(key_a),
                                 jax.random.key_data(key_b))
-  assert len({train.phase_seeds(s, n)[1] for s in (0, 1)
+  assert len({loop.phase_seeds(s, n)[1] for s in (0, 1)
               for n in ("teacher", "step1", "step2")}) == 6
 
 

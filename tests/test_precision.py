@@ -276,8 +276,8 @@ def test_phase_dtype_reaches_its_model_and_the_teacher_keeps_its_own():
   config = _digits_config()
   config.model.dtype = "bfloat16"
   config.phases.teacher.model.dtype = "float32"
-  from bnn_jax import train
-  build = lambda name: train.build_model(config, config.phases[name].model, 10)
+
+  build = lambda name: models.from_config(config, config.phases[name].model, 10)
   assert build("teacher").dtype == jnp.float32
   assert build("step1").dtype == BF16  # unset: config.model.dtype
   config.model.dtype = "float32"
@@ -291,7 +291,7 @@ def test_bad_phase_dtype_is_refused(tmp_path):
   config = _digits_config()
   config.dataset.data_dir = str(tmp_path)
   config.phases.step1.model.dtype = "float33"
-  from bnn_jax import phases
+  from bnn_jax.training import phases
   with pytest.raises(ValueError, match=r"config.phases.step1.model.dtype="
                      r"'float33' is not a dtype; use 'float32' or 'bfloat16'"):
     phases.validate(config)

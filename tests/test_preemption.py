@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from bnn_jax import train
+from bnn_jax.training import multihost
 from bnn_jax.datasets import digits
 import multiprocess_util  # tests/ is on sys.path (rootdir conftest)
 
@@ -77,7 +77,7 @@ def test_sigterm_to_one_process_stops_both_then_resumes_bitwise(
                                             "checkpoints") if d.isdigit())
   # One checkpoint, at the first agreement point after the signal.
   assert len(steps) == 1 and 12 < steps[0] < _TOTAL_STEPS, steps
-  assert steps[0] % train.STOP_CHECK_EVERY_STEPS == 0, steps
+  assert steps[0] % multihost.STOP_CHECK_EVERY_STEPS == 0, steps
   assert f"stopped at step {steps[0]}/{_TOTAL_STEPS}" in out0
 
   # The same command again: continues and ends bitwise where the

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bnn_jax import input_pipeline
+from bnn_jax.training import input_pipeline
 from bnn_jax import layers
 from bnn_jax import models
 from bnn_jax import optim
-from bnn_jax import train
+from bnn_jax.training import topology
 from bnn_jax import train_step
 
 _TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
@@ -149,7 +149,7 @@ class _FakeSharding:
 
 
 def test_process_slot_follows_the_sharding(monkeypatch):
-  mesh = train.make_mesh()
+  mesh = topology.make_mesh()
   sharding = NamedSharding(mesh, P("data"))
   assert input_pipeline._process_slot(16, sharding) == (0, 1)
   _as_process(monkeypatch, 0, 2)
@@ -167,7 +167,7 @@ def test_make_mesh_orders_devices_by_process():
     def __init__(self, process_index, id_):
       self.process_index, self.id = process_index, id_
   devices = [Device(p, i) for i, p in enumerate([1, 0, 1, 0])]
-  mesh = train.make_mesh(devices)
+  mesh = topology.make_mesh(devices)
   assert [(d.process_index, d.id) for d in mesh.devices] == [
       (0, 1), (0, 3), (1, 0), (1, 2)]
   assert mesh.axis_names == ("data",)
@@ -185,7 +185,7 @@ def _step_outputs(model, tx, loss_cfg, state, batch, devices):
   One jitted function holds both the gradient and `train_step.make_train_step`
   (one compilation per mesh).
   """
-  mesh = train.make_mesh(devices)
+  mesh = topology.make_mesh(devices)
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
   loss_fn = train_step.make_loss_fn(model, loss_cfg)
@@ -300,7 +300,7 @@ def test_eval_on_eight_devices_counts_every_example_once(digits_cfg):
   eval_step = train_step.make_eval_step(model)
 
   def run(devices):
-    mesh = train.make_mesh(devices)
+    mesh = topology.make_mesh(devices)
     replicated = NamedSharding(mesh, P())
     sharding = NamedSharding(mesh, P("data"))
     step = jax.jit(eval_step, in_shardings=(replicated, sharding),

@@ -9,8 +9,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
-from bnn_jax import input_pipeline
-from bnn_jax import topology
+from bnn_jax.training import input_pipeline
+from bnn_jax.training import topology
 from bnn_jax import train_step
 from bnn_jax.datasets import digits
 

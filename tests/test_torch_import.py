@@ -19,7 +19,7 @@ import pytest
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import layers
 from bnn_jax import models
-from bnn_jax import train
+
 from bnn_jax.interop import torch_import
 from bnn_jax.models.reactnet import ReActNetABlock, reactnet_a_strides
 
@@ -165,7 +165,7 @@ def _check_placement(variables, sd, locate, model, shape):
   abstract = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False),
       jax.ShapeDtypeStruct(shape, np.float32))
-  train.check_variables_match(abstract, variables, "imported")
+  checkpoint_lib.check_variables_match(abstract, variables, "imported")
   filled = 0
   for key, value in sd.items():
     if key.endswith("num_batches_tracked"):
@@ -387,7 +387,7 @@ def test_import_cli_writes_a_checkpoint_init_from_accepts(tmp_path):
   abstract = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False),
       jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32))
-  train.check_variables_match(abstract, variables, "imported")
+  checkpoint_lib.check_variables_match(abstract, variables, "imported")
   # A second import into the same directory is refused, by name.
   proc = subprocess.run(
       [sys.executable, "-m", "bnn_jax.import_torch", f"--checkpoint={src}",

@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 
 from bnn_jax import checkpoint as checkpoint_lib
-from bnn_jax import phases
-from bnn_jax import train
+from bnn_jax.training import phases
 
-
-# `trained_digits` (conftest): teacher 2 epochs, step1 and step2 one epoch each,
 # quarter width, checkpoints every 4 steps, logs every 5.
 
 
@@ -98,17 +95,17 @@ def test_handoff_rejects_mismatched_variables(trained_digits, tmp_path):
 
 def test_check_variables_match_names_the_problem():
   expected = {"params": {"a": jnp.zeros((2, 3)), "b": jnp.zeros(4)}}
-  train.check_variables_match(expected, {"params": {"a": np.ones((2, 3)),
+  checkpoint_lib.check_variables_match(expected, {"params": {"a": np.ones((2, 3)),
                                                     "b": np.ones(4)}}, "x")
   with pytest.raises(ValueError, match=r"missing: params/b"):
-    train.check_variables_match(expected, {"params": {"a": np.ones((2, 3))}},
+    checkpoint_lib.check_variables_match(expected, {"params": {"a": np.ones((2, 3))}},
                                 "x")
   with pytest.raises(ValueError,
                      match=r"mis-shaped: params/a \(3, 2\) \(model wants \(2, 3\)\)"):
-    train.check_variables_match(
+    checkpoint_lib.check_variables_match(
         expected, {"params": {"a": np.ones((3, 2)), "b": np.ones(4)}}, "x")
   with pytest.raises(ValueError, match=r"unexpected: params/c"):
-    train.check_variables_match(
+    checkpoint_lib.check_variables_match(
         expected, {"params": {"a": np.ones((2, 3)), "b": np.ones(4),
                               "c": np.ones(1)}}, "x")
 
@@ -123,10 +120,10 @@ def test_init_from_previous_needs_a_previous_phase(trained_digits, tmp_path):
 def test_params_sha256_is_order_independent_and_value_sensitive():
   a = {"x": np.arange(3, dtype=np.float32), "y": np.ones((2, 2), np.float32)}
   b = {"y": np.ones((2, 2), np.float32), "x": np.arange(3, dtype=np.float32)}
-  assert train.params_sha256(a) == train.params_sha256(b)
+  assert checkpoint_lib.params_sha256(a) == checkpoint_lib.params_sha256(b)
   b["x"] = b["x"].copy()
   b["x"][0] = np.float32(1e-30)
-  assert train.params_sha256(a) != train.params_sha256(b)
+  assert checkpoint_lib.params_sha256(a) != checkpoint_lib.params_sha256(b)
 
 
 def _logged_losses(workdir, phase):

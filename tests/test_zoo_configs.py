@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bnn_jax.training import evaluation
 from bnn_jax import evaluate
 from bnn_jax import export
 from bnn_jax import models
 from bnn_jax import optim
 from bnn_jax import packed
-from bnn_jax import phases
+from bnn_jax.training import phases
 from bnn_jax import summary
 from test_dry_run import _dry_runs
 
@@ -114,8 +115,8 @@ def test_quicknet_recipe_trains_digits_with_both_optimizers(tmp_path):
   out = str(tmp_path / "quicknet_digits.bnn.npz")
   exported = export.export_packed(config, checkpoint, out)
   assert exported["binary_convs"] == 4 and exported["zero_weights"] == 0
-  want = evaluate.run_evaluation(config, checkpoint)
-  got = packed.run_evaluation(config, out)
+  want = evaluation.evaluate_checkpoint(config, checkpoint)
+  got = evaluation.evaluate_packed(config, out)
   assert got["count"] == want["count"] == 360
   assert got["top1"] == want["top1"] and got["top5"] == want["top5"]
   assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)

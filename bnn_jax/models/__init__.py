@@ -29,6 +29,8 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
 
 from bnn_jax.models import quicknet
 from bnn_jax.models.binary_resnet_e import BinaryResNetE
@@ -109,3 +111,23 @@ def create(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Module:
     raise ValueError(f"model {name!r} has no attribute(s) {unknown}; valid: "
                      f"{sorted(fields)}")
   return MODELS[name](num_classes=num_classes, **overrides)
+
+
+def from_config(config: ml_collections.ConfigDict,
+                model_cfg: ml_collections.ConfigDict,
+                num_classes: int) -> nn.Module:
+  """The phase's model: `model_cfg` (name + attributes) + the shared `config.model`.
+
+  An attribute set in `model_cfg` wins over the shared one; an unset (None)
+  `model_cfg.dtype` takes `config.model.dtype`.
+  """
+  overrides = {k: v for k, v in model_cfg.items()
+               if k != "name" and not (k == "dtype" and v is None)}
+  shared = dict(config.model)
+  fields = model_fields(model_cfg.name)
+  for key, value in shared.items():
+    if key in fields and key not in overrides:
+      overrides[key] = value
+  if "dtype" in overrides:
+    overrides["dtype"] = jnp.dtype(overrides["dtype"])
+  return create(model_cfg.name, num_classes=num_classes, **overrides)

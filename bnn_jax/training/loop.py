@@ -22,7 +22,7 @@ phase run alone starts as it does within the whole run.
 
 Preemption: SIGTERM on any process, or the platform's preemption notice
 (orbax), stops every process at the same step, after the same checkpoint
-(see `StopAgreement`).
+(see `multihost.StopAgreement`).
 
 `train_phase` reads top to bottom: set-up; restore or initialise; the step
 loop with its sections (metrics and the NaN check; evaluation; checkpoint
@@ -33,41 +33,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import math
-import signal
 import time
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bnn_jax import checkpoint as checkpoint_lib
-from bnn_jax import dynamics_monitor as dynamics_monitor_lib
-from bnn_jax import input_pipeline
-from bnn_jax import logs
+from bnn_jax.training import dynamics_monitor as dynamics_monitor_lib
+from bnn_jax.training import evaluation
+from bnn_jax.training import input_pipeline
+from bnn_jax.training import logs
+from bnn_jax.training.logs import TrainingError  # noqa: F401  (raised by MetricLog)
 from bnn_jax import models
-from bnn_jax import multihost
+from bnn_jax.training import multihost
 from bnn_jax import optim
 from bnn_jax import paths
 from bnn_jax import train_step
-
-# With several processes, how often (in steps) they agree on whether to stop
-# after a SIGTERM: one all-gather of one int per process (see StopAgreement
-# and docs/scaling.md for its cost).
-STOP_CHECK_EVERY_STEPS = 10
-
-
-class TrainingError(RuntimeError):
-  """Training cannot continue (NaN/Inf, bad configuration discovered late)."""
-
+from bnn_jax.training import topology
 
 class Preempted(Exception):
   """The run was asked to stop (SIGTERM / platform preemption); state saved."""
@@ -94,71 +83,6 @@ class PhaseResult:
 # ---------------------------------------------------------------------------
 # Building blocks.
 # ---------------------------------------------------------------------------
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D `data` mesh over all devices (every process's), ordered by process.
-
-  Ordering by process gives each process one contiguous block of every
-  batch sharded `P('data')`, the rows its input pipeline provides (see
-  `input_pipeline.train_iterator`).
-  """
-  devices = jax.devices() if devices is None else devices
-  devices = sorted(devices, key=lambda d: d.process_index)  # stable
-  return Mesh(np.asarray(devices), ("data",))
-
-
-def build_model(config: ml_collections.ConfigDict,
-                model_cfg: ml_collections.ConfigDict,
-                num_classes: int) -> nn.Module:
-  """The phase's model: `model_cfg` (name + attributes) + the shared `config.model`.
-
-  An attribute set in `model_cfg` wins over the shared one; an unset (None)
-  `model_cfg.dtype` takes `config.model.dtype`.
-  """
-  overrides = {k: v for k, v in model_cfg.items()
-               if k != "name" and not (k == "dtype" and v is None)}
-  shared = dict(config.model)
-  fields = models.model_fields(model_cfg.name)
-  for key, value in shared.items():
-    if key in fields and key not in overrides:
-      overrides[key] = value
-  if "dtype" in overrides:
-    overrides["dtype"] = jnp.dtype(overrides["dtype"])
-  return models.create(model_cfg.name, num_classes=num_classes, **overrides)
-
-
-def params_sha256(params: Any) -> str:
-  """SHA-256 over every parameter's path, dtype, shape and bytes (sorted paths)."""
-  h = hashlib.sha256()
-  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
-  for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    arr = np.ascontiguousarray(np.asarray(leaf))
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(str(arr.dtype).encode() + str(arr.shape).encode())
-    h.update(arr.tobytes())
-  return h.hexdigest()
-
-
-def check_variables_match(expected: Any, given: Any, what: str) -> None:
-  """Raises ValueError listing missing, unexpected and mis-shaped variables."""
-  exp = {paths.tree_path(p): tuple(v.shape) for p, v in
-         jax.tree_util.tree_flatten_with_path(expected)[0]}
-  got = {paths.tree_path(p): tuple(np.shape(v)) for p, v in
-         jax.tree_util.tree_flatten_with_path(given)[0]}
-  missing = sorted(set(exp) - set(got))
-  extra = sorted(set(got) - set(exp))
-  shapes = sorted(f"{k} {got[k]} (model wants {exp[k]})"
-                  for k in set(exp) & set(got) if exp[k] != got[k])
-  problems = []
-  for label, names in (("missing", missing), ("unexpected", extra),
-                       ("mis-shaped", shapes)):
-    if names:
-      shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)"
-                                      if len(names) > 8 else "")
-      problems.append(f"{label}: {shown}")
-  if problems:
-    raise ValueError(f"{what} does not match the model: " + "; ".join(problems))
-
-
 def phase_seeds(seed: int, phase_name: str) -> tuple[jax.Array, int]:
   """(init rng, data seed) of phase `phase_name` in a run seeded with `seed`.
 
@@ -173,31 +97,9 @@ def phase_seeds(seed: int, phase_name: str) -> tuple[jax.Array, int]:
   return jax.random.fold_in(jax.random.key(seed), name_hash), data_seed
 
 
-def _format_seconds(s: float) -> str:
-  s = int(round(s))
-  return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else (
-      f"{s // 60}m{s % 60:02d}s")
-
-
 # ---------------------------------------------------------------------------
 # Restore or initialise.
 # ---------------------------------------------------------------------------
-def _init_state(model: nn.Module, tx, rng: jax.Array,
-                image_shape: tuple[int, ...]) -> train_step.TrainState:
-  """A fresh state: `model.init` at `rng`, step 0, the optimizer's init."""
-  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  variables = model.init(rng, dummy, train=False)
-  return _state_from_variables(tx, variables)
-
-
-def _state_from_variables(tx, variables: dict) -> train_step.TrainState:
-  """Step 0 from given {'params', 'batch_stats'} (hand-off, `init_from`)."""
-  return train_step.TrainState(step=jnp.zeros((), jnp.int32),
-                               params=variables["params"],
-                               batch_stats=variables.get("batch_stats", {}),
-                               opt_state=tx.init(variables["params"]))
-
-
 def _restore_or_initialise(
     ckpt: checkpoint_lib.Checkpointer, *, model: nn.Module, tx,
     rng: jax.Array, image_shape: tuple[int, ...],
@@ -208,7 +110,7 @@ def _restore_or_initialise(
   The phase's own latest checkpoint wins; else `init_variables` (checked
   against the model); else a fresh initialisation at `rng`.
   """
-  abstract = jax.eval_shape(lambda r: _init_state(model, tx, r, image_shape),
+  abstract = jax.eval_shape(lambda r: train_step.init_state(model, tx, r, image_shape),
                             rng)
   shardings = jax.tree.map(lambda _: replicated, abstract)
   latest = ckpt.latest_step()
@@ -220,148 +122,26 @@ def _restore_or_initialise(
     logging.info("phase %s: resumed from step %d", phase_name, latest)
     return state, shardings, meta
   if init_variables is not None:
-    check_variables_match(abstract.variables, init_variables,
+    checkpoint_lib.check_variables_match(abstract.variables, init_variables,
                           f"the variables handed to phase {phase_name!r}")
-    state = jax.jit(lambda v: _state_from_variables(tx, v),
+    state = jax.jit(lambda v: train_step.TrainState.create(tx, v),
                     out_shardings=shardings)(
                         jax.tree.map(jnp.asarray, init_variables))
     return state, shardings, {}
-  state = jax.jit(lambda r: _init_state(model, tx, r, image_shape),
+  state = jax.jit(lambda r: train_step.init_state(model, tx, r, image_shape),
                   out_shardings=shardings)(rng)
   return state, shardings, {}
 
 
 # ---------------------------------------------------------------------------
-# Metrics and the NaN check.
-# ---------------------------------------------------------------------------
-class MetricLog:
-  """The train metrics of the steps since the last flush.
-
-  `add` keeps each step's (device) metrics without waiting for them;
-  `flush` fetches them, raises `TrainingError` if a step's loss or
-  gradients were not finite, writes their means (lr: the last step's) and
-  prints a progress line on process 0.
-  """
-
-  def __init__(self, writer, *, phase_name: str, total_steps: int,
-               steps_per_epoch: int, num_epochs: int, start_step: int,
-               checkpoint_dir: Any):
-    self._writer = writer
-    self._phase_name = phase_name
-    self._total_steps = total_steps
-    self._steps_per_epoch = steps_per_epoch
-    self._num_epochs = num_epochs
-    self._start_step = start_step
-    self._start_time = time.time()
-    self._checkpoint_dir = checkpoint_dir
-    self._pending: list[tuple[int, dict]] = []
-
-  def add(self, step: int, metrics: dict) -> None:
-    self._pending.append((step, metrics))
-
-  def flush(self) -> None:
-    if not self._pending:
-      return
-    steps = [s for s, _ in self._pending]
-    fetched = jax.device_get([m for _, m in self._pending])
-    self._pending = []
-    for s, m in zip(steps, fetched):
-      if not bool(m["finite"]):
-        raise TrainingError(
-            f"phase {self._phase_name!r}: loss or gradients became NaN/Inf at "
-            f"step {s}; the last good checkpoint in {self._checkpoint_dir} is "
-            "left intact (lower the learning rate or check the data)")
-    last_step = steps[-1]
-    means = {k: float(np.mean([m[k] for m in fetched]))
-             for k in fetched[0] if k != "finite"}
-    for key in fetched[-1]:  # rates: the last step's, not a mean
-      if key == "train/lr" or key.startswith("train/lr/"):
-        means[key] = float(fetched[-1][key])
-    group_rates = "".join(
-        f" lr/{k[len('train/lr/'):]} {v:.3g}" for k, v in means.items()
-        if k.startswith("train/lr/"))
-    self._writer.write_scalars(last_step, means)
-    elapsed = time.time() - self._start_time
-    rate = (last_step - self._start_step) / max(elapsed, 1e-9)
-    eta = (self._total_steps - last_step) / max(rate, 1e-9)
-    multihost.report(
-        f"[{self._phase_name}] step {last_step}/{self._total_steps} "
-        f"epoch {math.ceil(last_step / self._steps_per_epoch)}/"
-        f"{self._num_epochs} loss {means['train/loss']:.4f} "
-        f"top1 {means['train/top1']:.3f} lr {means['train/lr']:.3g}"
-        f"{group_rates} | "
-        f"{rate:.1f} steps/s, ETA {_format_seconds(eta)}")
-
-
-# ---------------------------------------------------------------------------
 # Evaluation.
 # ---------------------------------------------------------------------------
-def _evaluate(eval_step: Callable, variables: Any,
-              config: ml_collections.ConfigDict,
-              batch_sharding: NamedSharding) -> dict:
-  """Top-1, top-5, loss and count over the whole eval split."""
-  batches = input_pipeline.eval_iterator(
-      config.dataset, global_batch_size=config.eval_batch_size,
-      sharding=batch_sharding)
-  return train_step.evaluate(eval_step, variables, batches)
-
-
 def _with_eval(meta: dict, result: dict, writer, step: int) -> dict:
   """`meta` with `result` as the last evaluation (best top-1 updated); logs it."""
   writer.write_scalars(step, {k: v for k, v in result.items()
                               if k != "eval/count"})
   return {**meta, "last_eval": result,
           "best_top1": max(meta["best_top1"], result["eval/top1"])}
-
-
-# ---------------------------------------------------------------------------
-# Checkpoint and preemption.
-# ---------------------------------------------------------------------------
-class StopAgreement:
-  """Decides, identically on every process, at which step the run stops.
-
-  Inside `with StopAgreement(ckpt) as stop:`, SIGTERM sets a flag on the
-  process that receives it; `stop.agreed(step)`, called by every process
-  after every step, is True on all of them at the same step when
-
-  * some process received SIGTERM: the processes compare flags every
-    `every` steps (one all-gather of one int per process; every step, for
-    free, in a single-process run), or
-  * orbax reports the platform's preemption notice (`reached_preemption`,
-    itself agreed across processes).
-
-  A process acting on its own signal would enter the checkpoint's
-  collectives while the others enter the next step's: a hang.
-  """
-
-  def __init__(self, ckpt: checkpoint_lib.Checkpointer,
-               every: Optional[int] = None):
-    self._ckpt = ckpt
-    self._every = every or (1 if jax.process_count() == 1
-                            else STOP_CHECK_EVERY_STEPS)
-    self._received = False
-    self._previous = None
-
-  def __enter__(self) -> "StopAgreement":
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: leave signals alone.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame) -> None:
-    del signum, frame
-    self._received = True
-
-  def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def agreed(self, step: int) -> bool:
-    platform = self._ckpt.reached_preemption(step)
-    if step % self._every:
-      return platform
-    return multihost.any_process(self._received) or platform
 
 
 # ---------------------------------------------------------------------------
@@ -388,17 +168,20 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
   """
   # --- Set-up: mesh, step counts, model, optimizer. ---
   phase_cfg = config.phases[phase_name]
-  mesh = make_mesh() if mesh is None else mesh
+  mesh = topology.make_mesh() if mesh is None else mesh
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   info = input_pipeline.get_info(config.dataset)
   steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size)
   num_epochs = phase_cfg.num_epochs
   total_steps = steps_per_epoch * num_epochs
-  model = build_model(config, phase_cfg.model, info.num_classes)
-  tx = optim.build_optimizer(phase_cfg.optimizer,
-                             steps_per_epoch=steps_per_epoch,
-                             num_epochs=max(num_epochs, 1))
+  model = models.from_config(config, phase_cfg.model, info.num_classes)
+  # The optimizer config resolved once; the chain and the logged rate come
+  # from the same schedule(s).
+  opt = optim.build(optim.resolve_config(phase_cfg.optimizer),
+                    steps_per_epoch=steps_per_epoch,
+                    num_epochs=max(num_epochs, 1))
+  tx = opt.tx
   init_rng, data_seed = phase_seeds(config.seed, phase_name)
 
   # --- Restore or initialise. ---
@@ -418,10 +201,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
   teacher_vars = jax.device_put(teacher_vars, replicated)
   step_fn = jax.jit(
       train_step.make_train_step(model, tx, phase_cfg.loss, teacher_model,
-                                 learning_rate=optim.logged_learning_rate(
-                                     phase_cfg.optimizer,
-                                     steps_per_epoch=steps_per_epoch,
-                                     num_epochs=max(num_epochs, 1))),
+                                 learning_rate=opt.learning_rate),
       in_shardings=(state_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
@@ -438,7 +218,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
       config, phase_name, phase_index, workdir, model=model,
       teacher_model=teacher_model, state=state, step=step,
       replicated=replicated, writer=writer)
-  metric_log = MetricLog(writer, phase_name=phase_name,
+  metric_log = logs.MetricLog(writer, phase_name=phase_name,
                          total_steps=total_steps,
                          steps_per_epoch=steps_per_epoch,
                          num_epochs=num_epochs, start_step=step,
@@ -450,7 +230,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
 
   # --- The step loop. ---
   try:
-    with StopAgreement(ckpt) as stop:
+    with multihost.StopAgreement(ckpt) as stop:
       while step < total_steps:
         batch = next(train_iter)
         state, metrics = step_fn(state, batch, teacher_vars)
@@ -469,7 +249,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
         # --- Evaluation. ---
         if end_of_epoch and (epoch % config.eval_every_epochs == 0
                              or step == total_steps):
-          meta = _with_eval(meta, _evaluate(eval_step, state.variables,
+          meta = _with_eval(meta, evaluation.evaluate_split(eval_step, state.variables,
                                             config, batch_sharding),
                             writer, step)
           multihost.report(
@@ -494,7 +274,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
 
     # --- Final evaluation (also for 0-epoch phases that only load weights). ---
     if meta["last_eval"] is None:
-      meta = _with_eval(meta, _evaluate(eval_step, state.variables, config,
+      meta = _with_eval(meta, evaluation.evaluate_split(eval_step, state.variables, config,
                                         batch_sharding), writer, step)
     writer.close()
     ckpt.close()
@@ -517,5 +297,5 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
       top1=meta["last_eval"]["eval/top1"], top5=meta["last_eval"]["eval/top5"],
       best_top1=meta["best_top1"], steps=step,
       seconds=float(meta["seconds"]),
-      params_sha256=params_sha256(variables["params"]),
+      params_sha256=checkpoint_lib.params_sha256(variables["params"]),
       variables=variables, model=model)

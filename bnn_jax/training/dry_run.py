@@ -35,12 +35,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from bnn_jax import input_pipeline
+from bnn_jax.training import input_pipeline
 from bnn_jax import optim
-from bnn_jax import phases
-from bnn_jax import preprocess
-from bnn_jax import topology
-from bnn_jax import train
+from bnn_jax.training import phases
+from bnn_jax.training import preprocess
+from bnn_jax.training import topology
+from bnn_jax import models
+from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import train_step
 
 # Examples per split of the TFDS releases the recipes read (imagenet2012
@@ -186,25 +187,20 @@ def plan(config: ml_collections.ConfigDict) -> list[str]:
   for index, name in enumerate(names):
     phase = config.phases[name]
     where = f"config.phases.{name}"
-    model = train.build_model(config, phase.model, info.num_classes)
+    model = models.from_config(config, phase.model, info.num_classes)
     epochs = phase.num_epochs
     total = steps_per_epoch * epochs
-    tx = optim.build_optimizer(phase.optimizer,
-                               steps_per_epoch=steps_per_epoch,
-                               num_epochs=max(epochs, 1))
+    opt = optim.resolve_config(phase.optimizer)  # once per phase
+    built = optim.build(opt, steps_per_epoch=steps_per_epoch,
+                        num_epochs=max(epochs, 1))
+    tx = built.tx
 
-    def init_state(rng, model=model, tx=tx):
-      variables = model.init(rng, jnp.zeros((1,) + info.image_shape),
-                             train=False)
-      return train_step.TrainState(
-          step=jnp.zeros((), jnp.int32), params=variables["params"],
-          batch_stats=variables.get("batch_stats", {}),
-          opt_state=tx.init(variables["params"]))
-
-    state = jax.eval_shape(init_state, jax.random.key(0))
+    state = jax.eval_shape(
+        lambda rng, model=model, tx=tx: train_step.init_state(
+            model, tx, rng, info.image_shape), jax.random.key(0))
     if phase.init_from == "previous":
       previous = names[index - 1]
-      train.check_variables_match(state.variables,
+      checkpoint_lib.check_variables_match(state.variables,
                                   _shape_only(abstract[previous]),
                                   f"phase {previous!r}'s final variables "
                                   f"(init_from='previous' of {where})")
@@ -218,25 +214,22 @@ def plan(config: ml_collections.ConfigDict) -> list[str]:
         f"), BN statistics {_mb(stats_bytes)}, optimizer state "
         f"{_mb(opt_bytes)}; replicated on every device")
     if epochs:
-      schedule = optim.build_schedule(phase.optimizer,
-                                      steps_per_epoch=steps_per_epoch,
-                                      num_epochs=epochs)
-      opt = optim.resolve_config(phase.optimizer)
       k = config.checkpoint_every_steps
       saves = total // k + (1 if total % k else 0)
-      rates = f"{opt.name} lr {float(schedule(0)):.4g} at step 1 -> " \
-          f"{float(schedule(total - 1)):.4g} at step {total} ({opt.schedule})"
-      if opt.groups:  # one chain per parameter group
+      if opt.groups:  # one chain (and schedule) per parameter group
         rates = "; ".join(
             f"group {label}: {g.name} lr {float(s(0)):.4g} at step 1, peak "
             f"{g.learning_rate:.4g} -> {float(s(total - 1)):.4g} at step "
             f"{total} ({g.schedule})"
             for label, s, g in (
-                (label, optim.build_schedule(
-                    optim.group_config(opt, label),
-                    steps_per_epoch=steps_per_epoch, num_epochs=epochs),
+                (label, built.learning_rate[label],
                  optim.group_config(opt, label))
                 for label, _, _ in opt.groups))
+      else:
+        schedule = built.learning_rate
+        rates = (f"{opt.name} lr {float(schedule(0)):.4g} at step 1 -> "
+                 f"{float(schedule(total - 1)):.4g} at step {total} "
+                 f"({opt.schedule})")
       lines.append(
           f"[{name}]   {epochs} epochs x {steps_per_epoch} steps = {total} "
           f"steps; {rates}; eval every {config.eval_every_epochs} "

@@ -24,7 +24,7 @@ from clu import metric_writers
 from etils import epath
 
 from bnn_jax import dynamics
-from bnn_jax import multihost
+from bnn_jax.training import multihost
 from bnn_jax import paths
 
 SIGNS_FILE = dynamics.SIGNS_FILE

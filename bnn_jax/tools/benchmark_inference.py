@@ -49,7 +49,9 @@ DEFAULT_CASES = "reactnet_a:224,reactnet_a_cifar:32"
 
 
 def define_flags() -> None:
-  """The command-line flags (defined only when run as a program)."""
+  """The inference benchmark's flags (`python -m bnn_jax.benchmark --inference`)."""
+  flags.DEFINE_bool("inference", True, "This benchmark (the float and packed "
+                    "forwards); set by `python -m bnn_jax.benchmark`.")
   flags.DEFINE_string("cases", DEFAULT_CASES,
                       "Comma-separated model:input_size pairs.")
   flags.DEFINE_string("batches", "1,64", "Comma-separated batch sizes.")

@@ -24,6 +24,7 @@ import math
 import pathlib
 import shutil
 import tempfile
+import time
 from typing import Any, Mapping
 
 import jax
@@ -33,8 +34,13 @@ from clu.metric_writers import interface
 from etils import epath
 
 from bnn_jax import paths
+from bnn_jax.training import multihost
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+  """Training cannot continue (NaN/Inf, bad configuration discovered late)."""
 
 
 class JsonlWriter(interface.MetricWriter):
@@ -142,3 +148,71 @@ def create_writer(workdir: paths.PathLike,
   return StagedWriter(
       [tensorboard, JsonlWriter(staging / METRICS_FILE, phase)],
       staging, workdir, copied=copied)
+
+
+def _format_seconds(s: float) -> str:
+  s = int(round(s))
+  return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else (
+      f"{s // 60}m{s % 60:02d}s")
+
+
+# ---------------------------------------------------------------------------
+# Metrics and the NaN check.
+# ---------------------------------------------------------------------------
+class MetricLog:
+  """The train metrics of the steps since the last flush.
+
+  `add` keeps each step's (device) metrics without waiting for them;
+  `flush` fetches them, raises `TrainingError` if a step's loss or
+  gradients were not finite, writes their means (lr: the last step's) and
+  prints a progress line on process 0.
+  """
+
+  def __init__(self, writer, *, phase_name: str, total_steps: int,
+               steps_per_epoch: int, num_epochs: int, start_step: int,
+               checkpoint_dir: Any):
+    self._writer = writer
+    self._phase_name = phase_name
+    self._total_steps = total_steps
+    self._steps_per_epoch = steps_per_epoch
+    self._num_epochs = num_epochs
+    self._start_step = start_step
+    self._start_time = time.time()
+    self._checkpoint_dir = checkpoint_dir
+    self._pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, metrics))
+
+  def flush(self) -> None:
+    if not self._pending:
+      return
+    steps = [s for s, _ in self._pending]
+    fetched = jax.device_get([m for _, m in self._pending])
+    self._pending = []
+    for s, m in zip(steps, fetched):
+      if not bool(m["finite"]):
+        raise TrainingError(
+            f"phase {self._phase_name!r}: loss or gradients became NaN/Inf at "
+            f"step {s}; the last good checkpoint in {self._checkpoint_dir} is "
+            "left intact (lower the learning rate or check the data)")
+    last_step = steps[-1]
+    means = {k: float(np.mean([m[k] for m in fetched]))
+             for k in fetched[0] if k != "finite"}
+    for key in fetched[-1]:  # rates: the last step's, not a mean
+      if key == "train/lr" or key.startswith("train/lr/"):
+        means[key] = float(fetched[-1][key])
+    group_rates = "".join(
+        f" lr/{k[len('train/lr/'):]} {v:.3g}" for k, v in means.items()
+        if k.startswith("train/lr/"))
+    self._writer.write_scalars(last_step, means)
+    elapsed = time.time() - self._start_time
+    rate = (last_step - self._start_step) / max(elapsed, 1e-9)
+    eta = (self._total_steps - last_step) / max(rate, 1e-9)
+    multihost.report(
+        f"[{self._phase_name}] step {last_step}/{self._total_steps} "
+        f"epoch {math.ceil(last_step / self._steps_per_epoch)}/"
+        f"{self._num_epochs} loss {means['train/loss']:.4f} "
+        f"top1 {means['train/top1']:.3f} lr {means['train/lr']:.3g}"
+        f"{group_rates} | "
+        f"{rate:.1f} steps/s, ETA {_format_seconds(eta)}")

@@ -1,6 +1,6 @@
 """How a run's batches split over devices and processes (any topology).
 
-One `data` mesh axis holds every device of every process (`train.make_mesh`),
+One `data` mesh axis holds every device of every process (`make_mesh`),
 so with D devices on P processes:
 
 * the training batch `config.batch_size` (B) is global and must be a
@@ -23,7 +23,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import ml_collections
+import numpy as np
+from jax.sharding import Mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,3 +93,15 @@ def batch_layout(config: ml_collections.ConfigDict, num_devices: int,
                      per_process_batch=batch // num_processes,
                      eval_batch_size=eval_batch,
                      per_device_eval_batch=eval_batch // num_devices)
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D `data` mesh over all devices (every process's), ordered by process.
+
+  Ordering by process gives each process one contiguous block of every
+  batch sharded `P('data')`, the rows its input pipeline provides (see
+  `input_pipeline.train_iterator`).
+  """
+  devices = jax.devices() if devices is None else devices
+  devices = sorted(devices, key=lambda d: d.process_index)  # stable
+  return Mesh(np.asarray(devices), ("data",))

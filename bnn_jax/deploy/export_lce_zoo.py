@@ -51,7 +51,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from bnn_jax.export_lce import convert_and_check, read_packed, unpack_kernel  # noqa: E402
+from bnn_jax.deploy.export_lce import convert_and_check
+from bnn_jax.deploy.packed_format import read_flat, unpack_kernel  # noqa: E402
 
 _NUMBER = re.compile(r"_\d+$")
 NAMED = {"real_to_binary_net": "r2b_bnn_"}
@@ -153,7 +154,7 @@ def build(header: dict, arrays: dict[str, np.ndarray], layers: list[dict]):
 def convert(packed_path: str, layers_path: str, out: str,
             check: str | None = None) -> dict:
   """Builds, converts and (with `check`) verifies; returns a JSON summary."""
-  header, arrays = read_packed(packed_path)
+  header, arrays = read_flat(packed_path)
   with open(layers_path) as f:
     layers = json.load(f)
   model = build(header, arrays, layers)

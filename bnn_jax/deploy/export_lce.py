@@ -50,30 +50,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-HEADER_KEY = "header.json"
-FORMAT = "bnn_jax.packed"
-FORMAT_VERSION = 1
+from bnn_jax.deploy.packed_format import read_flat, unpack_kernel  # noqa: E402
+
 REACTNET_A_FAMILY = ("reactnet_a", "reactnet_a_cifar", "reactnet_small")
-
-
-def read_packed(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(header, {'collection/module/.../name': array}) of a packed file."""
-  with np.load(path, allow_pickle=False) as data:
-    arrays = {k: data[k] for k in data.files}
-  header = json.loads(arrays.pop(HEADER_KEY).tobytes().decode())
-  if (header.get("format"), header.get("format_version")) != (
-      FORMAT, FORMAT_VERSION):
-    raise ValueError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} file")
-  return header, arrays
-
-
-def unpack_kernel(words: np.ndarray, in_channels: int) -> np.ndarray:
-  """+-1 float32 HWIO kernel of [k, k, words, O] uint32 sign bits."""
-  shifts = np.arange(32, dtype=np.uint32)
-  bits = (words[:, :, :, None, :] >> shifts[None, None, None, :, None]) & 1
-  k, _, n_words, _, out = bits.shape
-  bits = bits.reshape(k, k, n_words * 32, out)[:, :, :in_channels, :]
-  return np.where(bits == 1, 1.0, -1.0).astype(np.float32)
 
 
 def small_map_kernel(kernel: np.ndarray, height: int, width: int
@@ -226,7 +205,7 @@ class _Net:
 
 def convert(packed_path: str, out: str, check: str | None = None) -> dict:
   """Builds, converts and (with `check`) verifies; returns a JSON summary."""
-  header, arrays = read_packed(packed_path)
+  header, arrays = read_flat(packed_path)
   name = header["model"]["name"]
   if name not in REACTNET_A_FAMILY:
     raise ValueError(f"the LCE export knows the ReActNet-A family "

@@ -396,3 +396,60 @@ def supervise(command: Sequence[str], debug: bool = False) -> int:
   if held and not debug:
     sys.stderr.write("".join(held))
   return code if code >= 0 else 128 - code
+
+
+# With several processes, how often (in steps) they agree on whether to stop
+# after a SIGTERM: one all-gather of one int per process (see StopAgreement
+# and docs/scaling.md for its cost).
+STOP_CHECK_EVERY_STEPS = 10
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint and preemption.
+# ---------------------------------------------------------------------------
+class StopAgreement:
+  """Decides, identically on every process, at which step the run stops.
+
+  Inside `with StopAgreement(ckpt) as stop:`, SIGTERM sets a flag on the
+  process that receives it; `stop.agreed(step)`, called by every process
+  after every step, is True on all of them at the same step when
+
+  * some process received SIGTERM: the processes compare flags every
+    `every` steps (one all-gather of one int per process; every step, for
+    free, in a single-process run), or
+  * orbax reports the platform's preemption notice (`reached_preemption`,
+    itself agreed across processes).
+
+  A process acting on its own signal would enter the checkpoint's
+  collectives while the others enter the next step's: a hang.
+  """
+
+  def __init__(self, ckpt,
+               every: Optional[int] = None):
+    self._ckpt = ckpt
+    import jax  # pylint: disable=g-import-not-at-top
+    self._every = every or (1 if jax.process_count() == 1
+                            else STOP_CHECK_EVERY_STEPS)
+    self._received = False
+    self._previous = None
+
+  def __enter__(self) -> "StopAgreement":
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self._received = True
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self, step: int) -> bool:
+    platform = self._ckpt.reached_preemption(step)
+    if step % self._every:
+      return platform
+    return any_process(self._received) or platform

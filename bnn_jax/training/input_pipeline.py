@@ -85,11 +85,11 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from bnn_jax import data_service  # noqa: E402
-from bnn_jax import multihost  # noqa: E402
-from bnn_jax import preprocess  # noqa: E402
-from bnn_jax import topology  # noqa: E402
-from bnn_jax.preprocess import default_dataset_config  # noqa: E402,F401
+from bnn_jax.training import data_service  # noqa: E402
+from bnn_jax.training import multihost  # noqa: E402
+from bnn_jax.training import preprocess  # noqa: E402
+from bnn_jax.training import topology  # noqa: E402
+from bnn_jax.training.preprocess import default_dataset_config  # noqa: E402,F401
 
 __all__ = [
     "DatasetInfo",
@@ -198,7 +198,7 @@ def _process_slot(global_batch_size: int,
   [slot * B / count, (slot + 1) * B / count). Without a sharding the slot
   is `jax.process_index()`; with one it is read from the rows of the batch
   that this process's devices hold, which must form such a block (they do
-  on a 1-D mesh whose devices are ordered by process, `train.make_mesh`).
+  on a 1-D mesh whose devices are ordered by process, `topology.make_mesh`).
 
   Raises:
     ValueError: B is not divisible by the process count, or the sharding
@@ -220,7 +220,7 @@ def _process_slot(global_batch_size: int,
     raise ValueError(
         f"process {jax.process_index()}'s devices hold rows {sorted(rows)[:4]}"
         f"... of the global batch, not one block of {local}; shard the batch "
-        "over a 1-D mesh of devices ordered by process (train.make_mesh).")
+        "over a 1-D mesh of devices ordered by process (topology.make_mesh).")
   return start // local, count
 
 

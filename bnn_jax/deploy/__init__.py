@@ -1,0 +1,1 @@
+"""Deployment: the packed 1-bit format, packing, and the packed forward."""
