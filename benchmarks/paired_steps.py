@@ -169,7 +169,7 @@ def main(argv):
                "(one with --reference)")
     malloc_defaults.apply(FLAGS.cpu_malloc)
     import jax
-    from bnn_jax import benchmark
+    from bnn_jax.tools import benchmark
     from bnn_jax import models
 
     fields = models.model_fields(FLAGS.model)

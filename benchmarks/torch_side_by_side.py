@@ -236,7 +236,7 @@ def run_config(config: str, phase: str, teacher_name: str, batch: int,
   median = statistics.median(times)
   student_macs, teacher_macs = model_macs(phase, teacher_name, input_size,
                                           num_classes)
-  from bnn_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from bnn_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
   flops = benchmark.model_flops_per_step(student_macs, teacher_macs, batch)
   device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                  else "cpu")
