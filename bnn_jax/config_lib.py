@@ -93,3 +93,16 @@ def phase_config(model_name: str, num_epochs: int,
   phase.teacher = ""
   phase.init_from = ""
   return phase
+
+
+def phase_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The phases to run, in order, validated against `config.phases`."""
+  names = [n.strip() for n in str(config.phase_order).split(",") if n.strip()]
+  if not names:
+    raise ValueError("config.phase_order is empty; name at least one phase, "
+                     f"e.g. --config.phase_order={','.join(config.phases)}")
+  unknown = [n for n in names if n not in config.phases]
+  if unknown:
+    raise ValueError(f"config.phase_order names unknown phase(s) {unknown}; "
+                     f"defined phases: {sorted(config.phases)}")
+  return names

@@ -10,6 +10,9 @@ the launchers, long runs).
 import collections
 import os
 
+# The repository's root (tests run commands from it, read its files).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -39,6 +42,17 @@ def digits_data_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   digits.prepare(data_dir)
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def digits_cfg(digits_data_dir):
+  """The digits data set's config (`input_pipeline.default_dataset_config`),
+  reading the suite's built data dir. Copy it before changing it."""
+  from bnn_jax.training import input_pipeline  # noqa: PLC0415
+
+  cfg = input_pipeline.default_dataset_config("digits")
+  cfg.data_dir = digits_data_dir
+  return cfg
 
 
 def tiny_digits_config(data_dir: str):

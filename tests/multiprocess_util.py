@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Mapping, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import pytest
 from bnn_jax.tools import benchmark
 from bnn_jax import xla_defaults
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 @pytest.mark.slow
@@ -81,7 +81,7 @@ _CLI_AND_IMPORTS = textwrap.dedent("""
 @pytest.mark.slow
 def test_cli_json_without_tensorflow():
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  out = subprocess.run([sys.executable, "-c", _CLI_AND_IMPORTS], cwd=_REPO,
+  out = subprocess.run([sys.executable, "-c", _CLI_AND_IMPORTS], cwd=REPO,
                        env=env, capture_output=True, text=True, check=True,
                        timeout=300)
   result_line, imported_line = out.stdout.strip().splitlines()[-2:]

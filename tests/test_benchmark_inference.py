@@ -11,7 +11,7 @@ import pytest
 
 from bnn_jax.tools import benchmark_inference
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def test_parse_cases():

@@ -31,7 +31,7 @@ import pytest
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax.training import phases
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 _LATEST, _EARLIER = 11, 8
 
 # A config file, so that the CLI run below uses exactly the trained config.
@@ -80,7 +80,7 @@ def trained(tmp_path_factory):
 def _load_config(config_file):
   spec = importlib.util.spec_from_file_location("tiny_config", config_file)
   module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, _REPO)
+  sys.path.insert(0, REPO)
   spec.loader.exec_module(module)
   return module.get_config()
 
@@ -185,7 +185,7 @@ def test_cli_one_line_exit_1_no_noise_at_exit(trained, tmp_path):
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   proc = subprocess.run(
-      [sys.executable, "-c", _CLI, str(config_file), *copies], cwd=_REPO,
+      [sys.executable, "-c", _CLI, str(config_file), *copies], cwd=REPO,
       env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"codes {[1] * len(_CASES)}" in proc.stdout

@@ -20,7 +20,7 @@ from bnn_jax.training import data_service
 from bnn_jax.training import input_pipeline
 from bnn_jax.training import phases
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def _free_port_block(size: int) -> int:
@@ -47,7 +47,7 @@ def service_address():
   process = subprocess.Popen(
       [sys.executable, "-m", "bnn_jax.data_service", f"--port={port}",
        "--workers=2", "--host=localhost"],
-      cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     address = f"localhost:{port}"
     data_service.check_reachable(address, timeout_s=120)
@@ -55,13 +55,6 @@ def service_address():
   finally:
     process.terminate()
     process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def digits_cfg(tmp_path_factory):
-  cfg = input_pipeline.default_dataset_config("digits")
-  cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
-  return cfg
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +97,7 @@ def test_cli_bad_address_is_one_line_before_training(tmp_path):
       [sys.executable, "-m", "bnn_jax.main", "--config=configs/digits.py",
        f"--workdir={workdir}", f"--config.dataset.data_dir={tmp_path}",
        "--config.dataset.data_service_address=dispatcher-host"],
-      cwd=_REPO, env=env, capture_output=True, text=True, timeout=300)
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
   assert errors == [

@@ -18,7 +18,7 @@ import pytest
 
 from bnn_jax.training import topology
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 # Runs the CLI once per config file; prints one JSON line per config.
 _SCRIPT = r"""
@@ -44,8 +44,8 @@ for path in paths:
 
 def _config_files():
   """Every config file of configs/ (each re-exports a packaged config)."""
-  return [os.path.relpath(path, _REPO) for path in
-          sorted(glob.glob(os.path.join(_REPO, "configs", "*.py")))
+  return [os.path.relpath(path, REPO) for path in
+          sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
           if os.path.basename(path) != "__init__.py"]
 
 
@@ -58,7 +58,7 @@ def _dry_runs(devices, tmp_path, paths):
   env["TFDS_DATA_DIR"] = str(data_dir)  # TFDS's default data_dir
   proc = subprocess.run(
       [sys.executable, "-c", _SCRIPT, str(workdir), *paths],
-      cwd=_REPO, env=env, capture_output=True, text=True, timeout=900)
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert not workdir.exists() and not data_dir.exists()

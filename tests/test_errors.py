@@ -20,7 +20,7 @@ from bnn_jax import main as main_lib
 from bnn_jax.training import phases
 from configs import digits as digits_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def _error_line(stderr: str) -> str:

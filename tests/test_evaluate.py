@@ -13,7 +13,7 @@ from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import evaluate
 
 DIGITS_TEST_EXAMPLES = 360
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def test_evaluation_matches_the_training_evaluation(trained_digits):

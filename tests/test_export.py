@@ -16,14 +16,13 @@ import pytest
 
 from bnn_jax.training import evaluation
 from bnn_jax import checkpoint as checkpoint_lib
-from bnn_jax import evaluate
 from bnn_jax import export
 from bnn_jax import models
 from bnn_jax import packed
 from bnn_jax.training import phases
 from configs import digits as digits_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def test_only_binary_phases_are_exported():

@@ -18,7 +18,7 @@ from benchmarks import run_row
 from benchmarks import summarize_gpu
 from benchmarks import trace_summary
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def _rows(path):
@@ -138,7 +138,7 @@ def test_torch_rows_on_the_cpu_without_tensorflow(tmp_path):
           "'--teacher=resnet34', '--batch=2', '--input_size=32', "
           "'--steps=1', '--warmup=1', '--num_classes=10', "
           "'--configs=reference,amp_channels_last']))")
-  subprocess.run([sys.executable, "-c", code], cwd=_REPO, check=True,
+  subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
                  timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   reference, amp = _rows(out)
   assert (reference["config"], amp["config"]) == ("reference",
@@ -158,7 +158,7 @@ def test_gpu_script_smoke_mode_end_to_end(tmp_path):
              JAX_PLATFORMS="cpu", BNN_GPU_ROWS="^(jax_step2_bf16|lever_fp8)$",
              BNN_GPU_BUDGET_S="900")
   subprocess.run(["bash", "benchmarks/gpu_side_by_side.sh", str(tmp_path)],
-                 cwd=_REPO, env=env, check=True, timeout=1000,
+                 cwd=REPO, env=env, check=True, timeout=1000,
                  capture_output=True)
   rows = {r["row"]: r for r in _rows(tmp_path / "rows.jsonl")}
   assert sorted(rows) == ["jax_step2_bf16", "lever_fp8"]

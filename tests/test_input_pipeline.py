@@ -56,13 +56,6 @@ def _records(images, labels):
 # digits: the real data set, built into a temporary data_dir (conftest).
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def digits_cfg(digits_data_dir):
-  cfg = input_pipeline.default_dataset_config("digits")
-  cfg.data_dir = digits_data_dir
-  return cfg
-
-
-@pytest.fixture(scope="module")
 def digits_splits(digits_cfg):
   builder = digits.prepare(digits_cfg.data_dir)
   return {split: tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))

@@ -26,7 +26,7 @@ from bnn_jax import models
 from bnn_jax.interop import larq_import
 from bnn_jax.models import quicknet
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 LCE_PYTHON = os.environ.get("BNN_JAX_LCE_PYTHON", export.DEFAULT_LCE_PYTHON)
 REFERENCE = os.path.join(REPO, "tests", "larq_zoo_reference.py")
 needs_larq = pytest.mark.skipif(

@@ -16,8 +16,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_LAUNCH = os.path.join(_REPO, "launch")
+from conftest import REPO
+_LAUNCH = os.path.join(REPO, "launch")
 _SCRIPTS = ["local.sh", "gpu_node.sh", "tpu_pod.sh", "slurm.sbatch"]
 
 
@@ -30,7 +30,7 @@ def _write_executable(path, text):
 
 def _run(args, env=None, timeout=30):
   return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
-                        env={**os.environ, **(env or {})}, cwd=_REPO)
+                        env={**os.environ, **(env or {})}, cwd=REPO)
 
 
 @pytest.mark.parametrize("script", _SCRIPTS)
@@ -90,7 +90,7 @@ def _start_local(fake_python, args, env):
       [os.path.join(_LAUNCH, "local.sh"), f"--python={fake_python}",
        "--port=23456", *args, "--", "--config=configs/digits.py",
        "--workdir=/tmp/a b"],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=_REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
       env={**os.environ, **env}, start_new_session=True)
 
 
@@ -226,7 +226,7 @@ def test_tpu_pod_ships_the_checkout_and_runs_main_on_all_workers(tmp_path):
 
 _SLURM_ENV = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2",
               "SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_PER_NODE": "gpu:8",
-              "SLURM_SUBMIT_DIR": _REPO}
+              "SLURM_SUBMIT_DIR": REPO}
 
 
 def test_slurm_starts_one_task_per_gpu(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from bnn_jax import malloc_defaults
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def test_jax_platform_decides_before_import():
@@ -108,7 +108,7 @@ def test_main_applies_the_mode_before_any_other_arena_exists():
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run([sys.executable, "-c", _ARENAS_AROUND_MAIN, mode],
                          capture_output=True, text=True, check=True, env=env,
-                         cwd=_REPO)
+                         cwd=REPO)
     return tuple(int(n) for n in out.stdout.split())
 
   # Loading a config creates no thread arena, so M_ARENA_MAX applied then

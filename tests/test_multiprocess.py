@@ -34,7 +34,7 @@ from bnn_jax.training import topology
 from bnn_jax.datasets import digits
 from configs import digits as digits_config
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 # Shared by both runs: 4 steps per phase of 64 examples (32 per device) and
 # an odd-sized eval split. Step 2 starts from scratch (as `onestep` of
@@ -201,7 +201,7 @@ def _supervised(code, debug=False):
             "sys.exit(multihost.supervise([sys.executable, '-c', sys.argv[1]],"
             f" debug={debug}))")
   return subprocess.run([sys.executable, "-c", script, code],
-                        capture_output=True, text=True, timeout=60, cwd=_REPO,
+                        capture_output=True, text=True, timeout=60, cwd=REPO,
                         env={**os.environ, multihost.SUPERVISOR_ENV: ""})
 
 
@@ -265,7 +265,7 @@ def two_runs(tmp_path_factory):
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(JAX_DISABLE_MOST_OPTIMIZATIONS="1", TF_CPP_MIN_LOG_LEVEL="3")
-  command = [os.path.join(_REPO, "launch", "local.sh"), "--processes=2",
+  command = [os.path.join(REPO, "launch", "local.sh"), "--processes=2",
              "--devices_per_process=1", "--grace=5",
              f"--python={sys.executable}", "--",
              "--config=configs/digits.py", f"--workdir={two_dir}",
@@ -273,7 +273,7 @@ def two_runs(tmp_path_factory):
   command += [f"--config.{k}={v}" for k, v in _OVERRIDES.items()]
   with open(log_path, "w") as log:
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               cwd=_REPO, env=env, start_new_session=True)
+                               cwd=REPO, env=env, start_new_session=True)
     try:
       # Meanwhile, the reference: one process, 2 of this process's devices.
       start = time.monotonic()
@@ -376,7 +376,7 @@ def test_checkpoints_of_two_processes_load_on_one_device(two_runs, tmp_path):
   result = subprocess.run(
       [sys.executable, "-c", script,
        phase_dir, str(out)], capture_output=True, text=True, timeout=120,
-      cwd=_REPO, env={**env, "JAX_PLATFORMS": "cpu"})
+      cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-2000:]
   variables, _ = checkpoint_lib.load_variables(phase_dir)
   leaves = jax.tree_util.tree_flatten_with_path(variables)[0]

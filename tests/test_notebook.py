@@ -21,8 +21,8 @@ from test_packaging import build_wheel  # pylint: disable=g-bad-import-order
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
+from conftest import REPO
+NOTEBOOK = os.path.join(REPO, "notebooks", "quickstart.ipynb")
 
 
 def make_venv_kernel(tmp_path) -> str:

@@ -21,7 +21,7 @@ from bnn_jax import optim
 from bnn_jax.training import phases
 from bnn_jax.configs import digits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 EPOCHS = 3
 BATCH = 64
 STEPS_PER_EPOCH = 22  # 1437 // 64
@@ -70,7 +70,7 @@ def test_optax_lion_from_the_command_line(tmp_path):
       [sys.executable, "-m", "bnn_jax.main",
        f"--config={configs.path('digits')}", f"--workdir={workdir}"]
       + [f"--config.{k}={v}" for k, v in overrides.items()],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   check_trained(workdir, 6e-4)
 

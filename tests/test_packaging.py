@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import REPO
+
+ROOT = pathlib.Path(REPO)
 
 # The modules that must import without TensorFlow (and without clu / TFDS,
 # which import it): everything but the training loop and input pipeline.
@@ -48,6 +50,92 @@ def test_no_module_imports_a_top_level_configs_package():
       offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names
                     if n == "configs" or n.startswith("configs.")]
   assert not offenders
+
+
+# ---------------------------------------------------------------------------
+# The layout: zones, entry points, the import graph.
+# ---------------------------------------------------------------------------
+# `python -m bnn_jax.<name>` programs (and their shared preamble, `cli`).
+ENTRY_MODULES = {"bnn_jax.main", "bnn_jax.evaluate", "bnn_jax.export",
+                 "bnn_jax.benchmark", "bnn_jax.benchmark_input",
+                 "bnn_jax.dynamics_benchmark", "bnn_jax.analyze",
+                 "bnn_jax.data_service", "bnn_jax.import_torch",
+                 "bnn_jax.import_larq", "bnn_jax.configs.__main__",
+                 "bnn_jax.cli"}
+# Library zones: what notebooks, the loop and the entry points build on.
+LIBRARY_ZONES = ("bnn_jax.optim", "bnn_jax.models", "bnn_jax.interop",
+                 "bnn_jax.datasets", "bnn_jax.configs", "bnn_jax.training",
+                 "bnn_jax.deploy")
+CORE_FILES = ("binary", "layers", "losses", "train_step", "summary",
+              "dynamics", "checkpoint", "paths", "config_lib",
+              "malloc_defaults", "xla_defaults")
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(ROOT).with_suffix("").parts)
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+  """{module: the bnn_jax modules it imports, at the top or in functions}."""
+  files = {_module_name(p): p for p in (ROOT / "bnn_jax").rglob("*.py")}
+  graph = {}
+  for name, path in files.items():
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+          "bnn_jax"):
+        for alias in node.names:
+          sub = f"{node.module}.{alias.name}"
+          found.add(sub if sub in files else node.module)
+      elif isinstance(node, ast.Import):
+        found.update(a.name for a in node.names
+                     if a.name.startswith("bnn_jax"))
+    graph[name] = {m for m in found if m in files} - {name}
+  return graph
+
+
+def test_import_graph_has_no_circle():
+  graph, state, circles = _import_graph(), {}, []
+
+  def visit(module, path):
+    state[module] = "open"
+    for other in sorted(graph[module]):
+      if state.get(other) == "open":
+        circles.append(path[path.index(other):] + [other])
+      elif other not in state:
+        visit(other, path + [other])
+    state[module] = "done"
+
+  for module in sorted(graph):
+    if module not in state:
+      visit(module, [module])
+  assert not circles
+
+
+def test_library_modules_import_no_entry_point_and_not_the_loop():
+  """Library code never imports a program (or the CLI preamble), and only
+  the phases reach into the training loop; helpers have their own homes."""
+  graph = _import_graph()
+  library = [m for m in graph
+             if m.startswith(LIBRARY_ZONES) or m.split(".")[-1] in CORE_FILES
+             and m.count(".") == 1]
+  assert len(library) > 40  # every zone is seen
+  offenders = sorted(f"{m} -> {i}" for m in library for i in graph[m]
+                     if i in ENTRY_MODULES or (
+                         i == "bnn_jax.training.loop"
+                         and m != "bnn_jax.training.phases"))
+  assert not offenders
+
+
+def test_every_module_lives_in_a_zone():
+  """The top level holds the core, the entry points and two facades."""
+  facades = {"bnn_jax.phases", "bnn_jax.packed", "bnn_jax.__init__", "bnn_jax"}
+  top = {m for m in _import_graph() if m.count(".") == 1 or m == "bnn_jax"}
+  zones = set(LIBRARY_ZONES) | {"bnn_jax.tools"}
+  stray = sorted(m for m in top if m not in ENTRY_MODULES | facades | zones
+                 and m.split(".")[-1] not in CORE_FILES)
+  assert not stray
 
 
 def load_by_path(name: str, path: str):

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import paired_steps
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def test_parse_variant():
@@ -49,7 +49,7 @@ def _run(*args, out=None):
              "--warmup=1", "--cpu_malloc=glibc", *args]
   if out:
     command.append(f"--out={out}")
-  return subprocess.run(command, cwd=_REPO, capture_output=True, text=True,
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                         timeout=600)
 
 
@@ -91,7 +91,7 @@ def test_reference_without_torch_is_one_line(tmp_path):
   run = subprocess.run(
       [sys.executable, "-m", "benchmarks.paired_steps", "--reference",
        "--batch=2", "--input_size=32", "--num_classes=10", "--pairs=1",
-       "--variant=bnn_jax:"], cwd=_REPO, capture_output=True, text=True,
+       "--variant=bnn_jax:"], cwd=REPO, capture_output=True, text=True,
       timeout=600, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
           filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))))
   assert run.returncode == 1
@@ -109,7 +109,7 @@ def test_reference_alternates_with_bnn_jax(tmp_path):
       [sys.executable, "-m", "benchmarks.paired_steps", "--reference",
        "--batch=2", "--input_size=32", "--num_classes=10", "--pairs=2",
        "--warmup=1", "--cpu_malloc=glibc", "--variant=bnn_jax:",
-       f"--out={out}"], cwd=_REPO, capture_output=True, text=True,
+       f"--out={out}"], cwd=REPO, capture_output=True, text=True,
       timeout=900)
   assert run.returncode == 0, run.stderr[-2000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]

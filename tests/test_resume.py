@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 CHECKPOINT_EVERY = 5
 
 

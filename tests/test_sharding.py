@@ -62,13 +62,6 @@ def _assert_same_batches(a, b):
       np.testing.assert_array_equal(x[k], y[k])
 
 
-@pytest.fixture(scope="module")
-def digits_cfg(digits_data_dir):
-  cfg = input_pipeline.default_dataset_config("digits")
-  cfg.data_dir = digits_data_dir
-  return cfg
-
-
 # ---------------------------------------------------------------------------
 # Global batches and the process count.
 # ---------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import pytest
 from bnn_jax.training import input_pipeline
 from bnn_jax.training import topology
 from bnn_jax import train_step
-from bnn_jax.datasets import digits
 
 # (devices, processes): one device, GPU nodes, two 1-GPU hosts, 4 nodes x 8
 # GPUs (SLURM), 32 hosts x 8 devices.
@@ -62,14 +61,6 @@ class _Linear(nn.Module):
   def __call__(self, x, train=False):
     del train
     return nn.Dense(10)(x.reshape(x.shape[0], -1))
-
-
-@pytest.fixture(scope="module")
-def digits_cfg(tmp_path_factory):
-  cfg = input_pipeline.default_dataset_config("digits")
-  cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
-  digits.prepare(cfg.data_dir)
-  return cfg
 
 
 def test_eval_batch_not_a_multiple_of_the_devices(digits_cfg):

@@ -19,11 +19,9 @@ import numpy as np
 import pytest
 
 from bnn_jax.training import evaluation
-from bnn_jax import evaluate
 from bnn_jax import export
 from bnn_jax import models
 from bnn_jax import optim
-from bnn_jax import packed
 from bnn_jax.training import phases
 from bnn_jax import summary
 from test_dry_run import _dry_runs

@@ -24,12 +24,12 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bnn_jax import checkpoint as checkpoint_lib
+from bnn_jax import config_lib
 from bnn_jax import models
 from bnn_jax import train_step
 from bnn_jax.deploy import packed_format
 from bnn_jax.deploy import packed_forward
 from bnn_jax.training import input_pipeline
-from bnn_jax.training import phases
 from bnn_jax.training import preprocess
 from bnn_jax.training import topology
 
@@ -83,7 +83,7 @@ def load_phase(config: ml_collections.ConfigDict, checkpoint: str,
      'variables' ({'params', 'batch_stats'}, host arrays), 'meta', 'info'
      (the data set's `input_pipeline.DatasetInfo`), 'checkpoint'}.
   """
-  names = phases.phase_names(config)
+  names = config_lib.phase_names(config)
   phase = phase or names[-1]
   if phase not in config.phases:
     raise ValueError(f"--phase={phase!r} is not a phase of the config; "

@@ -44,6 +44,7 @@ from bnn_jax import optim
 from bnn_jax.training import topology
 from bnn_jax import paths
 from bnn_jax import models
+from bnn_jax.config_lib import phase_names  # noqa: F401  (bnn_jax.phases.phase_names)
 from bnn_jax.training import loop
 from jax.sharding import Mesh
 RESULTS_FILE = "results.json"
@@ -54,19 +55,6 @@ OPERATIONAL_FIELDS = ("log_every_steps", "eval_every_epochs",
                       "checkpoint_every_steps", "keep_checkpoints",
                       "phase_order", "dataset.data_dir", "dynamics",
                       "cpu_malloc", "dataset.data_service_address")
-
-
-def phase_names(config: ml_collections.ConfigDict) -> list[str]:
-  """The phases to run, in order, validated against `config.phases`."""
-  names = [n.strip() for n in str(config.phase_order).split(",") if n.strip()]
-  if not names:
-    raise ValueError("config.phase_order is empty; name at least one phase, "
-                     f"e.g. --config.phase_order={','.join(config.phases)}")
-  unknown = [n for n in names if n not in config.phases]
-  if unknown:
-    raise ValueError(f"config.phase_order names unknown phase(s) {unknown}; "
-                     f"defined phases: {sorted(config.phases)}")
-  return names
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
