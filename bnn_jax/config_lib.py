@@ -45,11 +45,12 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from bnn_jax import config_fields
 from bnn_jax import dynamics
-from bnn_jax.training import input_pipeline
 from bnn_jax import losses
 from bnn_jax import models
 from bnn_jax import optim
+from bnn_jax.training import input_pipeline
 
 
 def base_config(dataset_name: str) -> ml_collections.ConfigDict:
@@ -80,10 +81,8 @@ def phase_config(model_name: str, num_epochs: int,
   # Every plain attribute of the model, so any can be set from the command
   # line (--config.phases.step1.model.activation_binarizer=ste_sign).
   attributes = models.default_attributes(model_name)
-  unknown = sorted(set(model_attributes) - set(attributes))
-  if unknown:
-    raise ValueError(f"model {model_name!r} has no attribute(s) {unknown}; "
-                     f"valid: {sorted(attributes)}")
+  config_fields.check_known(model_attributes, attributes,
+                            f"model {model_name!r} has no attribute(s)")
   attributes.update(model_attributes)
   phase.model = ml_collections.ConfigDict(dict(name=model_name, **attributes))
   phase.model.dtype = config_dict.placeholder(str)

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bnn_jax import config_fields
+
 Array = jax.Array
 ConfigLike = Union[ml_collections.ConfigDict, Mapping[str, Any]]
 
@@ -133,15 +135,8 @@ def resolve_loss_config(
   Raises:
     ValueError: unknown field or out-of-range value.
   """
-  given = (loss_cfg.to_dict()
-           if isinstance(loss_cfg, ml_collections.ConfigDict)
-           else dict(loss_cfg))
-  defaults = default_loss_config().to_dict()
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f"unknown loss field(s) {unknown}; valid: "
-                     f"{sorted(defaults)}")
-  c = {**defaults, **given}
+  c = config_fields.fill_defaults(loss_cfg, default_loss_config().to_dict(),
+                                  "unknown loss field(s)")
   if c["kd_weight"] < 0 or c["ce_weight"] < 0:
     raise ValueError(f"loss weights must be >= 0; got kd_weight="
                      f"{c['kd_weight']}, ce_weight={c['ce_weight']}")

@@ -66,7 +66,7 @@ ENTRY_MODULES = {"bnn_jax.main", "bnn_jax.evaluate", "bnn_jax.export",
 LIBRARY_ZONES = ("bnn_jax.optim", "bnn_jax.models", "bnn_jax.interop",
                  "bnn_jax.datasets", "bnn_jax.configs", "bnn_jax.training",
                  "bnn_jax.deploy")
-CORE_FILES = ("binary", "layers", "losses", "train_step", "summary",
+CORE_FILES = ("binary", "layers", "losses", "train_step", "summary", "config_fields",
               "dynamics", "checkpoint", "paths", "config_lib",
               "malloc_defaults", "xla_defaults")
 

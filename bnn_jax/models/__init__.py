@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from bnn_jax import config_fields
 from bnn_jax.models import quicknet
 from bnn_jax.models.binary_resnet_e import BinaryResNetE
 from bnn_jax.models.birealnet import BiRealNet
@@ -106,10 +107,8 @@ def create(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Module:
   """Builds model `name` with `num_classes` outputs and attribute overrides."""
   _check_name(name)
   fields = model_fields(name)
-  unknown = sorted(set(overrides) - set(fields))
-  if unknown:
-    raise ValueError(f"model {name!r} has no attribute(s) {unknown}; valid: "
-                     f"{sorted(fields)}")
+  config_fields.check_known(overrides, fields,
+                            f"model {name!r} has no attribute(s)")
   return MODELS[name](num_classes=num_classes, **overrides)
 
 

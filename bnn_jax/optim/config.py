@@ -15,7 +15,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from absl import logging
 import ml_collections
 from ml_collections import config_dict
-from bnn_jax.optim.registry import factory_kwargs, chain_factory
+
+from bnn_jax import config_fields
+from bnn_jax.optim.registry import chain_factory, factory_kwargs
 
 
 WEIGHT_DECAY_MODES = ("decoupled", "coupled")
@@ -112,14 +114,9 @@ def resolve_config(opt_cfg: ConfigLike) -> ResolvedConfig:
   """
   if isinstance(opt_cfg, ResolvedConfig):
     return opt_cfg
-  given = (opt_cfg.to_dict() if isinstance(opt_cfg, ml_collections.ConfigDict)
-           else dict(opt_cfg))
-  defaults = default_optimizer_config().to_dict()
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f"unknown optimizer field(s) {unknown}; valid: "
-                     f"{sorted(defaults)}")
-  c = {**defaults, **given}
+  given = config_fields.as_dict(opt_cfg)
+  c = config_fields.fill_defaults(given, default_optimizer_config().to_dict(),
+                                  "unknown optimizer field(s)")
   chain_factory(c["name"])  # raises on an unknown name
   if c["name"] == "bop":
     if c["bop_rest"] == "bop":
