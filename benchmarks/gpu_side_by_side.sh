@@ -166,7 +166,7 @@ jax_row lever_remat_blocks $T_JAX "" --phase=step2 --dtype=bfloat16 \
 jax_row jax_step2_f32 $T_JAX "" --phase=step2 --dtype=float32
 
 # 5. Step 1 bf16 + teacher: the KD stability run on fresh batches.
-if grep -q "fresh_batches" bnn_jax/benchmark.py; then
+if grep -q "fresh_batches" bnn_jax/tools/benchmark.py; then
   jax_row jax_step1_bf16_${TEACHER}_fresh $((T_JAX + 60)) "" --phase=step1 \
     --dtype=bfloat16 --teacher=$TEACHER --fresh_batches --steps=$STABLE_STEPS
 else
