@@ -298,28 +298,64 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
   cfg = _complete(dataset_cfg)
   if cfg.data_service_address:  # Fail now, not at the first batch.
     data_service.check_reachable(cfg.data_service_address)
-  builder = _builder(cfg)
-  info = _info(cfg, builder)
-  steps = steps_per_epoch(info, global_batch_size)
-  slot, num_slots = _process_slot(global_batch_size, sharding)
-  local_batch = global_batch_size // num_slots
-  recipe = preprocess.get_recipe(cfg.name)
-  size = _image_size(cfg)
-  first_epoch, skip_steps = divmod(start_step, steps)
+  stream = TrainStream.create(cfg, global_batch_size=global_batch_size,
+                              seed=seed, sharding=sharding)
+  return stream.batches(start_step)
 
-  # The stream of examples this process reads and shuffles, and how many of
-  # them make one step: the whole split and global batches (global order),
-  # or this process's shard and its own batches (per-host shards).
-  if not cfg.shuffle_buffer_size or cfg.shuffle_buffer_size >= info.num_train:
-    split, shard, stream_batch = cfg.train_split, 0, global_batch_size
-  else:
-    split = tfds.even_splits(cfg.train_split, n=num_slots,
-                             drop_remainder=True)[slot]
-    shard, stream_batch = slot, local_batch
-  stream_size = builder.info.splits[split].num_examples
-  buffer_size = min(cfg.shuffle_buffer_size or stream_size, stream_size)
 
-  def epoch_examples(records: tf.data.Dataset,
+@dataclasses.dataclass(frozen=True)
+class TrainStream:
+  """What one process reads for training, and how it becomes its batches.
+
+  The stream is the whole train split with global batches (global order:
+  when the shuffle buffer holds the split), or this process's shard of it
+  with its own batches (per-host shards). Epoch e of the stream is shuffled
+  with `_epoch_seeds(seed, shard, e)` and cut to whole steps; example p of
+  an epoch is augmented with the pair (augment seed, p), so a batch is a
+  pure function of (config, seed, step, process count) wherever it is made:
+  here (`local_batches`) or on tf.data service workers (`service_batches`).
+  """
+  cfg: ml_collections.ConfigDict
+  builder: tfds.core.DatasetBuilder
+  recipe: Any
+  image_size: int
+  seed: int
+  sharding: Optional[jax.sharding.Sharding]
+  steps: int            # steps per epoch
+  slot: int             # this process's rows of each global batch
+  local_batch: int      # examples per step on this process
+  split: Any            # the stream's TFDS split
+  shard: int            # which shard the stream is (0: the whole split)
+  stream_batch: int     # examples per step in the stream
+  stream_size: int
+  buffer_size: int
+
+  @classmethod
+  def create(cls, cfg: ml_collections.ConfigDict, *, global_batch_size: int,
+             seed: int, sharding: Optional[jax.sharding.Sharding]
+             ) -> "TrainStream":
+    builder = _builder(cfg)
+    info = _info(cfg, builder)
+    slot, num_slots = _process_slot(global_batch_size, sharding)
+    local_batch = global_batch_size // num_slots
+    if (not cfg.shuffle_buffer_size
+        or cfg.shuffle_buffer_size >= info.num_train):
+      split, shard, stream_batch = cfg.train_split, 0, global_batch_size
+    else:
+      split = tfds.even_splits(cfg.train_split, n=num_slots,
+                               drop_remainder=True)[slot]
+      shard, stream_batch = slot, local_batch
+    stream_size = builder.info.splits[split].num_examples
+    return cls(cfg=cfg, builder=builder,
+               recipe=preprocess.get_recipe(cfg.name),
+               image_size=_image_size(cfg), seed=seed, sharding=sharding,
+               steps=steps_per_epoch(info, global_batch_size), slot=slot,
+               local_batch=local_batch, split=split, shard=shard,
+               stream_batch=stream_batch, stream_size=stream_size,
+               buffer_size=min(cfg.shuffle_buffer_size or stream_size,
+                               stream_size))
+
+  def epoch_examples(self, records: tf.data.Dataset,
                      epoch: tf.Tensor) -> tf.data.Dataset:
     """One epoch of the stream, shuffled and cut to whole steps.
 
@@ -331,96 +367,110 @@ def train_iterator(dataset_cfg: ml_collections.ConfigDict, *,
       (augmentation seed, position in the epoch's stream, (image, label))
       triples.
     """
-    shuffle_seed, augment_seed = _epoch_seeds(seed, shard, epoch)
-    num_examples = steps * stream_batch
+    shuffle_seed, augment_seed = _epoch_seeds(self.seed, self.shard, epoch)
+    num_examples = self.steps * self.stream_batch
     return tf.data.Dataset.zip(  # zip, not map: cheaper per element.
         tf.data.Dataset.from_tensors(augment_seed).repeat(),
         tf.data.Dataset.range(num_examples),
-        records.shuffle(buffer_size, seed=shuffle_seed).take(num_examples))
+        records.shuffle(self.buffer_size, seed=shuffle_seed).take(
+            num_examples))
 
-  def prepare_example(augment_seed, position, example) -> Batch:
+  def prepare_example(self, augment_seed, position, example) -> Batch:
+    """Augmented (or, without `augment`, eval-resized) and normalised."""
     images, labels = example
-    if not cfg.augment:
+    recipe, size = self.recipe, self.image_size
+    if not self.cfg.augment:
       images = recipe.eval(images, size)
     elif recipe.batched:
       # Draw for the whole stream batch, use this process's rows of it.
-      offset = position % stream_batch
+      offset = position % self.stream_batch
       images = recipe.train(images, size,
                             tf.stack([augment_seed, position - offset]),
-                            draws=stream_batch,
+                            draws=self.stream_batch,
                             offset=tf.cast(offset, tf.int32))
     else:
       images = recipe.train(images, size, tf.stack([augment_seed, position]))
     return {"image": preprocess.normalise(images, recipe), "label": labels}
 
-  def service_batches(ds: tf.data.Dataset, first_step: int,
+  def local_batches(self, ds: tf.data.Dataset) -> Iterator[Batch]:
+    """The batches of `ds` (this process's examples), prepared here."""
+    if self.recipe.batched:
+      ds = ds.batch(self.local_batch, drop_remainder=True).map(
+          lambda seeds, positions, batch: self.prepare_example(
+              seeds[0], positions[0], batch),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+      ds = ds.map(self.prepare_example, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
+      ds = ds.batch(self.local_batch, drop_remainder=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return (_to_global(batch, self.sharding)
+            for batch in ds.as_numpy_iterator())
+
+  def service_batches(self, ds: tf.data.Dataset, first_step: int,
                       num_batches: Optional[int]) -> Iterator[Batch]:
     """The batches of `ds` (this process's examples), prepared remotely.
 
     The unaugmented batches are numbered by step and cut by step among the
     tf.data service's workers (`data_service.distribute`), which run
-    exactly the local pipeline's ops on them.
+    exactly `local_batches`' ops on them.
     """
+    local_batch = self.local_batch
     ds = tf.data.Dataset.zip(tf.data.Dataset.counter(first_step),
                              ds.batch(local_batch, drop_remainder=True))
     ds = data_service.shard_by_step(ds)  # Worker i of N: steps i mod N.
-    if recipe.batched:
-      ds = ds.map(lambda step, batch: (step, prepare_example(
+    if self.recipe.batched:
+      ds = ds.map(lambda step, batch: (step, self.prepare_example(
           batch[0][0], batch[1][0], batch[2])),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
       ds = ds.map(lambda step, batch: (tf.fill([local_batch], step), *batch))
       ds = ds.unbatch().map(
-          lambda step, *example: (step, prepare_example(*example)),
+          lambda step, *example: (step, self.prepare_example(*example)),
           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
       ds = ds.batch(local_batch, drop_remainder=True).map(
           lambda steps, batch: (steps[0], batch))
-    return (_to_global(batch, sharding) for batch in data_service.distribute(
-        ds, cfg.data_service_address, first_step=first_step,
-        num_batches=num_batches))
+    return (_to_global(batch, self.sharding)
+            for batch in data_service.distribute(
+                ds, self.cfg.data_service_address, first_step=first_step,
+                num_batches=num_batches))
 
-  def to_batches(examples: tf.data.Dataset, skip: int, first_step: int,
+  def to_batches(self, examples: tf.data.Dataset, skip: int, first_step: int,
                  num_batches: Optional[int]) -> Iterator[Batch]:
+    """`examples` from step `skip` of their epoch on, as batches (here or
+    on the tf.data service, `cfg.data_service_address`)."""
     # Skip before augmenting: resuming does not redo the skipped examples.
-    ds = examples.skip(skip * stream_batch)
-    if stream_batch != local_batch:  # Keep this process's rows of each step.
+    ds = examples.skip(skip * self.stream_batch)
+    if self.stream_batch != self.local_batch:  # This process's rows.
       ds = ds.filter(lambda seed_, position, example_: tf.equal(
-          position % stream_batch // local_batch, slot))
-    if cfg.data_service_address:
-      return service_batches(ds, first_step, num_batches)
-    if recipe.batched:
-      ds = ds.batch(local_batch, drop_remainder=True).map(
-          lambda seeds, positions, batch: prepare_example(seeds[0], positions[0],
-                                                     batch),
-          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:
-      ds = ds.map(prepare_example, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True)
-      ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    return (_to_global(batch, sharding) for batch in ds.as_numpy_iterator())
+          position % self.stream_batch // self.local_batch, self.slot))
+    if self.cfg.data_service_address:
+      return self.service_batches(ds, first_step, num_batches)
+    return self.local_batches(ds)
 
-  def batches() -> Iterator[Batch]:
-    if buffer_size == stream_size:
+  def batches(self, start_step: int) -> Iterator[Batch]:
+    """Every batch from step `start_step` on, epoch after epoch."""
+    first_epoch, skip_steps = divmod(start_step, self.steps)
+    if self.buffer_size == self.stream_size:
       # The buffer holds the whole stream, so the file order does not matter
       # and caching the decoded stream costs no more memory than the buffer:
       # one tf.data graph serves every epoch (no per-epoch start-up cost).
-      records = _read(builder, split, recipe).cache()
-      yield from to_batches(
+      records = _read(self.builder, self.split, self.recipe).cache()
+      yield from self.to_batches(
           tf.data.Dataset.counter(first_epoch).flat_map(
-              lambda epoch: epoch_examples(records, epoch)), skip_steps,
+              lambda epoch: self.epoch_examples(records, epoch)), skip_steps,
           start_step, None)
     else:
       # A window shuffle: each epoch also reads the files in a fresh order.
       for epoch in itertools.count(first_epoch):
         epoch_tensor = tf.constant(epoch, tf.int64)
-        shuffle_seed, _ = _epoch_seeds(seed, shard, epoch_tensor)
-        records = _read(builder, split, recipe, int(shuffle_seed))
+        shuffle_seed, _ = _epoch_seeds(self.seed, self.shard, epoch_tensor)
+        records = _read(self.builder, self.split, self.recipe,
+                        int(shuffle_seed))
         skip = skip_steps if epoch == first_epoch else 0
-        yield from to_batches(epoch_examples(records, epoch_tensor), skip,
-                              epoch * steps + skip, steps - skip)
-
-  return batches()
+        yield from self.to_batches(self.epoch_examples(records, epoch_tensor),
+                                   skip, epoch * self.steps + skip,
+                                   self.steps - skip)
 
 
 def eval_iterator(dataset_cfg: ml_collections.ConfigDict, *,
