@@ -79,12 +79,10 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from absl import app
 from absl import flags
 
 from bnn_jax import cli
 from bnn_jax import malloc_defaults
-from bnn_jax import xla_defaults
 
 FLAGS = flags.FLAGS
 

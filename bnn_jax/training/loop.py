@@ -50,7 +50,6 @@ from bnn_jax.training import dynamics_monitor as dynamics_monitor_lib
 from bnn_jax.training import evaluation
 from bnn_jax.training import input_pipeline
 from bnn_jax.training import logs
-from bnn_jax.training.logs import TrainingError  # noqa: F401  (raised by MetricLog)
 from bnn_jax import models
 from bnn_jax.training import multihost
 from bnn_jax import optim
