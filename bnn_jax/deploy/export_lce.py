@@ -43,12 +43,13 @@ import argparse
 import json
 import os
 import re
-import sys
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Larq needs Keras 2.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+
+from bnn_jax import cli  # noqa: E402
 
 from bnn_jax.deploy.packed_format import read_flat, unpack_kernel  # noqa: E402
 
@@ -256,12 +257,8 @@ def main() -> None:
   parser.add_argument("--out", required=True)
   parser.add_argument("--check", default=None)
   args = parser.parse_args()
-  try:
+  with cli.reporting_errors(errors=(ValueError, KeyError, OSError)):
     result = convert(args.packed, args.out, args.check)
-  except (ValueError, KeyError, OSError) as e:
-    print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr,
-          flush=True)
-    sys.exit(1)
   print(json.dumps(result), flush=True)
 
 
