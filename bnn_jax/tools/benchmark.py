@@ -276,6 +276,97 @@ def build_step(model_name: str, batch: int, input_size: int,
                    compile_s=t2 - t1)
 
 
+@dataclasses.dataclass
+class StepTimes:
+  """What the warm-up and timed steps measured (`time_steps`)."""
+  step_s: list            # wall seconds of each timed step
+  cpu_s_per_step: float   # process CPU seconds per timed step
+  minor_page_faults_per_step: float
+  loss_per_step: list     # every step's, warm-up included
+  grad_max_abs_per_step: list
+  first_nonfinite_step: Optional[int] = None  # counted from 1
+  nonfinite_metrics: Optional[dict] = None
+  state: Any = None       # after the last step run
+
+
+def time_steps(built: BuiltStep, *, warmup: int, steps: int,
+               fresh_batches: bool) -> StepTimes:
+  """Runs `warmup` then `steps` timed steps, each waited for; stops at the
+  first step whose `finite` metric is False."""
+  import jax
+
+  compiled, state = built.compiled, built.state
+
+  def batch_for(step):  # step counts from 1
+    if not fresh_batches:
+      return built.batch_data
+    return jax.block_until_ready(
+        built.random_batch(jax.random.fold_in(jax.random.key(2), step)))
+
+  out = StepTimes([], 0.0, 0.0, [], [])
+
+  def check(step, metrics):
+    metrics = jax.device_get(metrics)
+    out.loss_per_step.append(float(metrics["train/loss"]))
+    out.grad_max_abs_per_step.append(float(metrics["train/grad_max_abs"]))
+    if not bool(metrics["finite"]):
+      out.first_nonfinite_step = step
+      out.nonfinite_metrics = {k: float(v) for k, v in metrics.items()
+                               if k.startswith("train/")}
+    return out.first_nonfinite_step is None
+
+  for i in range(1, warmup + 1):
+    state, metrics = compiled(state, batch_for(i), built.teacher_vars)
+    if not check(i, metrics):
+      break
+  jax.block_until_ready(state)
+  cpu_start = time.process_time()
+  faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for i in range(warmup + 1, warmup + steps + 1):
+    if out.first_nonfinite_step is not None:
+      break
+    data = batch_for(i)
+    start = time.perf_counter()
+    state, metrics = compiled(state, data, built.teacher_vars)
+    jax.block_until_ready((state, metrics))
+    out.step_s.append(time.perf_counter() - start)
+    check(i, metrics)
+  timed = max(len(out.step_s), 1)
+  out.cpu_s_per_step = (time.process_time() - cpu_start) / timed
+  out.minor_page_faults_per_step = (
+      resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start
+  ) / timed
+  out.step_s = out.step_s or [float("nan")]
+  out.state = state
+  return out
+
+
+def environment() -> dict:
+  """Where a measurement ran: device, counts, versions, flags, load."""
+  import jax
+
+  device = jax.devices()[0]
+  return {"device": f"{device.platform}:{device.device_kind}",
+          "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+          "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "mallopt": list(malloc_defaults.applied),
+          "load_average": os.getloadavg()[0]}
+
+
+def compiled_costs(compiled: Any) -> dict:
+  """XLA's memory and FLOP accounting of a compiled step."""
+  stats = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"peak_memory_bytes": peak_memory_bytes(stats),
+          "xla_peak_memory_bytes": int(getattr(stats, "peak_memory_in_bytes",
+                                               0)),
+          "temp_bytes": int(stats.temp_size_in_bytes),
+          "argument_bytes": int(stats.argument_size_in_bytes),
+          "xla_flops_per_step": (float(cost.get("flops", 0.0)) if cost
+                                 else None)}
+
+
 def run_benchmark(model_name: str, batch: int, input_size: int,
                   phase: str = "step2", dtype: str = "float32",
                   teacher_name: str = "", steps: int = 10, warmup: int = 2,
@@ -294,6 +385,9 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
   the opt-in levers `binary_conv_operand_dtype`, `bn_one_pass_stats`).
   With `trace_dir`, 3 more steps after the timed ones run under
   `jax.profiler.trace(trace_dir)` (result key `trace_error` if that fails).
+
+  MFU = model FLOPs per step / median step time / the device's peak
+  (`PEAK_FLOPS`; None on the CPU).
   """
   import jax
 
@@ -301,103 +395,49 @@ def run_benchmark(model_name: str, batch: int, input_size: int,
                      teacher_name=teacher_name, num_classes=num_classes,
                      input_channels=input_channels,
                      model_overrides=model_overrides)
-  compiled, state = built.compiled, built.state
-  batch_data, random_batch = built.batch_data, built.random_batch
-  teacher_vars, teacher_macs = built.teacher_vars, built.teacher_macs
-
-  def batch_for(step):  # step counts from 1
-    if not fresh_batches:
-      return batch_data
-    return jax.block_until_ready(
-        random_batch(jax.random.fold_in(jax.random.key(2), step)))
-
-  first_nonfinite = None
-  bad_metrics = None
-  losses_per_step = []
-  grad_max_abs_per_step = []
-
-  def check(step, metrics):
-    nonlocal first_nonfinite, bad_metrics
-    metrics = jax.device_get(metrics)
-    losses_per_step.append(float(metrics["train/loss"]))
-    grad_max_abs_per_step.append(float(metrics["train/grad_max_abs"]))
-    if not bool(metrics["finite"]):
-      first_nonfinite = step
-      bad_metrics = {k: float(v) for k, v in metrics.items()
-                     if k.startswith("train/")}
-    return first_nonfinite is None
-
-  for i in range(1, warmup + 1):
-    state, metrics = compiled(state, batch_for(i), teacher_vars)
-    if not check(i, metrics):
-      break
-  jax.block_until_ready(state)
-  times = []
-  cpu_start = time.process_time()
-  faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for i in range(warmup + 1, warmup + steps + 1):
-    if first_nonfinite is not None:
-      break
-    data = batch_for(i)
-    start = time.perf_counter()
-    state, metrics = compiled(state, data, teacher_vars)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-    check(i, metrics)
-  timed = max(len(times), 1)
-  cpu_per_step = (time.process_time() - cpu_start) / timed
-  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                     - faults_start) / timed
-  times = times or [float("nan")]
-
-  trace_error = trace_steps(trace_dir, compiled, state, batch_data,
-                            teacher_vars) if trace_dir else None
+  measured = time_steps(built, warmup=warmup, steps=steps,
+                        fresh_batches=fresh_batches)
+  trace_error = trace_steps(trace_dir, built.compiled, measured.state,
+                            built.batch_data, built.teacher_vars
+                            ) if trace_dir else None
+  times = measured.step_s
   median = statistics.median(times)
   device = jax.devices()[0]
-  stats = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = model_flops_per_step(built.student_macs, teacher_macs,
-                               batch)
+  flops = model_flops_per_step(built.student_macs, built.teacher_macs, batch)
   peak = None if device.platform == "cpu" else peak_flops(device.device_kind,
                                                           dtype)
   result = {
+      # What ran, and where.
       "model": model_name, "phase": phase, "teacher": teacher_name or None,
       "batch": batch, "input_size": input_size, "dtype": dtype,
-      "num_classes": num_classes,
-      "device": f"{device.platform}:{device.device_kind}",
-      "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-      "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "mallopt": list(malloc_defaults.applied),
+      "num_classes": num_classes, **environment(),
+      # Time.
       "lower_s": built.lower_s, "compile_s": built.compile_s,
       "step_s_median": median, "step_s_min": min(times),
       "step_s_mean": statistics.fmean(times), "step_s": times,
-      "cpu_s_per_step": cpu_per_step,
-      "minor_page_faults_per_step": faults_per_step, "steps": steps,
-      "warmup": warmup, "images_per_s": batch / median,
-      "peak_memory_bytes": peak_memory_bytes(stats),
-      "xla_peak_memory_bytes": int(getattr(stats, "peak_memory_in_bytes", 0)),
-      "temp_bytes": int(stats.temp_size_in_bytes),
-      "argument_bytes": int(stats.argument_size_in_bytes),
+      "cpu_s_per_step": measured.cpu_s_per_step,
+      "minor_page_faults_per_step": measured.minor_page_faults_per_step,
+      "steps": steps, "warmup": warmup, "images_per_s": batch / median,
+      # Memory and FLOPs.
+      **compiled_costs(built.compiled),
       "model_flops_per_step": flops,
-      "xla_flops_per_step": float(cost.get("flops", 0.0)) if cost else None,
       "mfu": None if peak is None else flops / median / peak,
       "max_rss_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                         * 1024),
-      "load_average": os.getloadavg()[0],
+      # The steps' health, and the options.
       "fresh_batches": fresh_batches,
-      "finite": first_nonfinite is None,
-      "first_nonfinite_step": first_nonfinite,
-      "loss_per_step": losses_per_step,
-      "grad_max_abs_per_step": grad_max_abs_per_step,
+      "finite": measured.first_nonfinite_step is None,
+      "first_nonfinite_step": measured.first_nonfinite_step,
+      "loss_per_step": measured.loss_per_step,
+      "grad_max_abs_per_step": measured.grad_max_abs_per_step,
       "model_overrides": dict(model_overrides or {}),
       "trace_dir": trace_dir or None, "trace_error": trace_error,
   }
-  if first_nonfinite is not None:
+  if measured.first_nonfinite_step is not None:
     raise NonFiniteError(
-        f"step {first_nonfinite} of {warmup + steps} produced NaN/Inf in the "
-        f"loss, the gradients or the parameters; its metrics: {bad_metrics}",
-        result)
+        f"step {measured.first_nonfinite_step} of {warmup + steps} produced "
+        "NaN/Inf in the loss, the gradients or the parameters; its metrics: "
+        f"{measured.nonfinite_metrics}", result)
   return result
 
 
