@@ -40,7 +40,7 @@ all binary weights (or inputs) of the network, so large layers weigh more:
                small v, which is how it revives dead weights
                (docs/recipe.md#weight-dynamics).
 
-The training hook (`bnn_jax.dynamics_monitor.DynamicsMonitor`, which
+The training hook (`bnn_jax.training.dynamics_monitor.DynamicsMonitor`, which
 imports this module, never the other way round) computes them every
 `config.dynamics.every` steps with `make_dynamics_step`, a separate jitted
 function (one extra forward and backward pass on the last training batch),
@@ -74,7 +74,7 @@ OVERALL = "overall"
 WEIGHT_STE_CLIP = 1.0
 DEFAULT_DEAD_THRESHOLD = 1e-3
 # Name of the file (in a phase directory) holding the reference signs
-# (`bnn_jax.dynamics_monitor`).
+# (`bnn_jax.training.dynamics_monitor`).
 SIGNS_FILE = "dynamics_signs.npz"
 # Name of the file (in a phase directory) holding the reference signs.
 
@@ -341,7 +341,7 @@ def weight_dynamics(params: Any, grads: Any, opt_state: Any,
 
 
 # ---------------------------------------------------------------------------
-# The training hook's config and step (the hook: bnn_jax.dynamics_monitor).
+# The training hook's config and step (the hook: bnn_jax.training.dynamics_monitor).
 # ---------------------------------------------------------------------------
 def default_dynamics_config() -> ml_collections.ConfigDict:
   """`config.dynamics`: every (0 = off), dead_threshold (rho), per_layer."""

@@ -6,7 +6,7 @@ line, e.g. `--config.phases.step1.optimizer.weight_decay=1e-5`.
 
 Several processes (TPU pod hosts, GPU nodes, localhost tests) run the same
 command; `--distributed` and `--coordinator_address/--num_processes/
---process_id` start JAX's multi-process runtime (`bnn_jax.multihost`,
+--process_id` start JAX's multi-process runtime (`bnn_jax.training.multihost`,
 launchers in launch/, docs/scaling.md).
 
 Only process 0 prints progress and results; the others print warnings and
@@ -51,7 +51,7 @@ flags.DEFINE_bool("verbose", False, "Also show what other libraries print "
 flags.DEFINE_bool("dry_run", False, "Check the config against this "
                   "topology, trace every phase's shapes and print the plan "
                   "(steps, batches, learning rates, checkpoints); reads no "
-                  "data, writes nothing (bnn_jax.dry_run).")
+                  "data, writes nothing (bnn_jax.training.dry_run).")
 flags.DEFINE_bool("overwrite", False, "If --workdir holds a run of a "
                   "different config, move it aside to <workdir>.replaced-<time> "
                   "and start afresh (without this flag such a workdir is "

@@ -1,7 +1,7 @@
 """The train step (loss, gradients, optimizer update, metrics) and eval step.
 
 Pure functions of a model, an optax chain and a loss config, to be jitted by
-the caller (`bnn_jax.train` shards them over a mesh; `bnn_jax.benchmark`
+the caller (`bnn_jax.training.loop` shards them over a mesh; `bnn_jax.benchmark`
 times them). Nothing here reads data, writes logs or checkpoints, so it
 needs only JAX, Flax and optax.
 

@@ -62,7 +62,7 @@ _TIMEOUT_S = 900  # generous: CI machines may be shared
 
 
 # ---------------------------------------------------------------------------
-# bnn_jax.multihost: when to initialise.
+# bnn_jax.training.multihost: when to initialise.
 # ---------------------------------------------------------------------------
 _SLURM = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n[1-2]",
           "SLURM_NTASKS": "16", "SLURM_PROCID": "3", "SLURM_LOCALID": "3",
@@ -113,7 +113,7 @@ def test_initialize_rejects_bad_arguments(kwargs, message):
 
 
 # ---------------------------------------------------------------------------
-# bnn_jax.multihost: a lost process (the end-to-end runs: test_host_loss.py).
+# bnn_jax.training.multihost: a lost process (the end-to-end runs: test_host_loss.py).
 # ---------------------------------------------------------------------------
 # What jaxlib 0.10.2 printed in the runs of test_host_loss.py.
 _HEARTBEAT = ("Barrier result: 'INTERNAL: Barrier failed because: task is set "

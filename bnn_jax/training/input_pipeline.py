@@ -1,7 +1,7 @@
 """Input pipeline: TFDS -> per-host split -> augment -> batch -> jax.Array.
 
 Data sets, their recipes and the per-example ops live in
-`bnn_jax.preprocess`; this module is the host side: TFDS builders, the
+`bnn_jax.training.preprocess`; this module is the host side: TFDS builders, the
 per-process split, batching, and the train/eval iterators.
 
 Training batches (`train_iterator`): dict(image=float32 [B, H, W, C],

@@ -88,7 +88,7 @@ def validate(config: ml_collections.ConfigDict,
     info: the data set's sizes; None reads them from the prepared data set.
     check_inputs: also require what the run reads from outside the config
       (a checkpoint for every 0-epoch phase, existing `init_from`
-      directories); `bnn_jax.dry_run` reports those instead.
+      directories); `bnn_jax.training.dry_run` reports those instead.
   """
   names = phase_names(config)
   topology.batch_layout(config, jax.device_count(), jax.process_count())

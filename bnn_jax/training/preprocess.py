@@ -33,7 +33,7 @@ ends as float32 [H, W, C] = (pixel / 255 - mean) / std, per channel.
 
 `augment=False` gives the train split the eval preprocessing. The host side
 (reading, sharding per process, batching, iterators) is
-`bnn_jax.input_pipeline`.
+`bnn_jax.training.input_pipeline`.
 """
 
 from __future__ import annotations
