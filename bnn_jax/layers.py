@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bnn_jax import batch_stats
 from bnn_jax import binary
 
 Array = jax.Array
@@ -398,6 +399,12 @@ class BinaryConv(nn.Module):
       `BINARY_OPERAND_DTYPES` runs the forward conv of a binary input and
       binary kernel on exact narrow operands (`binary_conv_low_precision`:
       same result, same backward). Ignored unless both are binarised.
+    binary_conv_impl: the formulation of the forward conv of a binary
+      input and binary kernel (`bnn_jax.exact_binary_conv`): "auto" (the
+      backend's default, `exact_binary_conv.DEFAULT_IMPL`), "compute_dtype"
+      (the conv in `dtype` as below) or a name in
+      `exact_binary_conv.FORMULATIONS` (exact narrow operands: the same
+      sums, the same backward). Ignored unless both are binarised.
   """
   features: int
   kernel_size: int = 3
@@ -411,6 +418,7 @@ class BinaryConv(nn.Module):
   kernel_init: Callable[..., Array] = reference_kernel_init
   dtype: Dtype = jnp.float32
   operand_dtype: Optional[str] = None
+  binary_conv_impl: str = "auto"
 
   @property
   def binary_inputs(self) -> bool:
@@ -457,6 +465,21 @@ class BinaryConv(nn.Module):
     pad = self.resolved_padding(x.shape[1:3])
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     float32_sum = jnp.dtype(self.dtype).itemsize < 4
+    # The formulation hook (imported here: exact_binary_conv uses this
+    # module's conv kernels).
+    from bnn_jax import exact_binary_conv  # pylint: disable=g-import-not-at-top
+    impl = exact_binary_conv.resolve(self.binary_conv_impl)
+    if self.operand_dtype is not None:  # the older lever below wins over "auto"
+      if self.binary_conv_impl != exact_binary_conv.AUTO:
+        raise ValueError(f"operand_dtype {self.operand_dtype!r} and "
+                         f"binary_conv_impl {self.binary_conv_impl!r}: set "
+                         "one of them")
+      impl = exact_binary_conv.COMPUTE_DTYPE
+    if (impl != exact_binary_conv.COMPUTE_DTYPE and self.binary_inputs
+        and self.binary_weights):
+      return exact_binary_conv.binary_conv(
+          x, kernel, self.strides, pad, impl,
+          jnp.float32 if float32_sum else self.dtype)
     if self.operand_dtype is not None:
       if self.operand_dtype not in BINARY_OPERAND_DTYPES:
         raise ValueError(f"unknown operand_dtype {self.operand_dtype!r}; "
@@ -506,6 +529,10 @@ class BatchNorm(nn.Module):
   into one kernel) instead of mean((x - mu_B)^2), which needs mu_B first;
   flax's `use_fast_variance`. It loses precision when |mu_B| >> std(x)
   (relative error of var ~ 2^-24 mu_B^2 / var_B in float32).
+  `stats_method` picks the statistics by name (`bnn_jax.batch_stats`):
+  "two_pass" (the default), "one_pass" (= `one_pass_stats=True`) or
+  "shifted_one_pass" (one pass over x - K, K the first position's value per
+  channel: as exact as two passes when |mu_B| >> std(x)).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -513,6 +540,7 @@ class BatchNorm(nn.Module):
   scale_init: Callable[..., Array] = nn.initializers.ones
   dtype: Optional[Dtype] = None
   one_pass_stats: bool = False
+  stats_method: str = "two_pass"
   use_scale: bool = True
   use_bias: bool = True
 
@@ -541,13 +569,14 @@ class BatchNorm(nn.Module):
                        f"batch {batch}")
     xg = xf.reshape((batch // group, group) + x.shape[1:])
     red = tuple(range(1, xg.ndim - 1))  # every axis of a group but channels
-    mean = jnp.mean(xg, axis=red, keepdims=True)
+    method = self.stats_method
     if self.one_pass_stats:
-      var = jnp.maximum(jnp.mean(jnp.square(xg), axis=red, keepdims=True)
-                        - jnp.square(mean), 0.0)
-    else:
-      var = jnp.mean(jnp.square(xg - mean), axis=red, keepdims=True)
-    y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+      if method not in ("two_pass", "one_pass"):
+        raise ValueError(f"one_pass_stats=True and stats_method {method!r}: "
+                         "set one of them")
+      method = "one_pass"
+    mean, var, centered = batch_stats.centered(xg, red, method)
+    y = centered * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     if not self.is_initializing():
       n = group * (xg.size // (xg.shape[0] * group * c))  # elements per stat
       unbias = n / max(n - 1, 1)
