@@ -11,10 +11,12 @@ with |S| <= fan-in (ReActNet-A: 9 * 1024 = 9,216 in block 13's 3x3 conv,
 4,608 in the 3x3 convs on 512 channels, 1,024 in its 1x1 convs). Every
 formulation below computes S exactly and returns alpha_o * S in float32:
 
-  "int8"             int8 operands; matmuls (1x1 convs, im2col) accumulate in
-                     int32, convolutions in float32 (cuDNN's only int8 conv
-                     pattern writes float32; XLA:CPU has no int8 conv kernel,
-                     so on the CPU every k x k conv is im2col + an int8 matmul)
+  "int8"             int8 operands; matmuls (1x1 convs, im2col) and
+                     convolutions accumulate in int32, except convolutions
+                     on a GPU, in float32 (XLA:GPU lowers int8 convs to
+                     cuDNN with a float32 or int8 result only: jax#7637,
+                     jax#14585); XLA:CPU has no int8 conv kernel, so on the
+                     CPU every k x k conv is im2col + an int8 matmul
   "float8_e4m3fn"    float8_e4m3fn operands, float32 result
   "float16_chunked"  float16 operands and a float16 result, the fan-in split
                      into chunks of at most 2,048 (input channels
@@ -84,7 +86,7 @@ class Formulation:
 
 
 FORMULATIONS: dict[str, Formulation] = {
-    "int8": Formulation(jnp.int8, jnp.int32, jnp.float32, im2col="cpu"),
+    "int8": Formulation(jnp.int8, jnp.int32, jnp.int32, im2col="cpu"),
     "float8_e4m3fn": Formulation(jnp.float8_e4m3fn, jnp.float32, jnp.float32),
     "float16_chunked": Formulation(jnp.float16, jnp.float16, jnp.float16,
                                    max_fan_in=FLOAT16_EXACT_FAN_IN),
@@ -168,10 +170,14 @@ def integer_sums(xs: Array, ws: Array, strides: int,
       part = layers._conv2d_im2col(  # pylint: disable=protected-access
           x_c, w_c, strides, pads, f.matmul_result)
     else:
+      result = f.conv_result
+      if (jnp.issubdtype(f.operand, jnp.integer)
+          and jax.default_backend() == "gpu"):
+        result = jnp.float32  # cuDNN's int8 convs: a float32 (or int8) result
       part = jax.lax.conv_general_dilated(
           x_c, w_c, window_strides=(strides, strides), padding=pads,
           dimension_numbers=("NHWC", "HWIO", "NHWC"),
-          preferred_element_type=f.conv_result)
+          preferred_element_type=result)
     part = part.astype(jnp.float32)
     total = part if total is None else total + part
   return total

@@ -102,6 +102,15 @@ def test_each_conv_path_is_exact():
   _check_sums(FAST_CASES, IMPLS)
 
 
+def test_int8_lax_conv_path_is_exact(monkeypatch):
+  """The int8 formulation's lax conv (int32 result; what TPUs run), which the
+  CPU otherwise replaces by im2col."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(exact_binary_conv.FORMULATIONS, "int8", dataclasses.replace(
+      exact_binary_conv.FORMULATIONS["int8"], im2col="small"))
+  _check_sums(FAST_CASES[:2], ["int8"])
+
+
 def test_float16_needs_and_gets_its_chunks():
   """All products +1 but two per output: S = fan-in - 4 = 9,212 inside the
   map, not a float16 number (ulp 8 above 8,192); the chunked float16 sums
