@@ -42,17 +42,18 @@ in x's dtype through the VJP of `layers.conv2d_nhwc(x, kernel)`, i.e. both
 backward convolutions in the compute dtype (the precision policy,
 docs/performance.md).
 
-`binary_conv_impl` (a `layers.BinaryConv` / ReActNet-A attribute) selects one
-of `FORMULATIONS`, "compute_dtype" (the conv in the compute dtype with a
-float32 sum below float32: `layers.conv2d_float32_sum`) or "auto", which is
-`DEFAULT_IMPL[jax.default_backend()]`.
+ReActNet-A's `binary_conv_impl` attribute names one of `FORMULATIONS`,
+"compute_dtype" (the conv in the compute dtype with a float32 sum below
+float32: `layers.conv2d_float32_sum`) or "auto", which is
+`DEFAULT_IMPL[jax.default_backend()]`; `conv_function(name)` is what its
+`layers.BinaryConv`s then get as their `binary_conv`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -218,3 +219,19 @@ def _binary_conv_bwd(strides, padding, impl, out_dtype, residuals, g):
 
 
 binary_conv.defvjp(_binary_conv_fwd, _binary_conv_bwd)
+
+
+def conv_function(impl: str) -> Optional[Callable[..., Array]]:
+  """`layers.BinaryConv.binary_conv` for `impl` (after "auto" is resolved).
+
+  None for "compute_dtype" (the BinaryConv's own conv); otherwise
+  (x, kernel, strides, padding, out_dtype) -> `binary_conv` by `impl`.
+  """
+  impl = resolve(impl)
+  if impl == COMPUTE_DTYPE:
+    return None
+  return functools.partial(_by_formulation, impl)
+
+
+def _by_formulation(impl, x, kernel, strides, padding, out_dtype):
+  return binary_conv(x, kernel, strides, padding, impl, out_dtype)

@@ -399,12 +399,11 @@ class BinaryConv(nn.Module):
       `BINARY_OPERAND_DTYPES` runs the forward conv of a binary input and
       binary kernel on exact narrow operands (`binary_conv_low_precision`:
       same result, same backward). Ignored unless both are binarised.
-    binary_conv_impl: the formulation of the forward conv of a binary
-      input and binary kernel (`bnn_jax.exact_binary_conv`): "auto" (the
-      backend's default, `exact_binary_conv.DEFAULT_IMPL`), "compute_dtype"
-      (the conv in `dtype` as below) or a name in
-      `exact_binary_conv.FORMULATIONS` (exact narrow operands: the same
-      sums, the same backward). Ignored unless both are binarised.
+    binary_conv: None (default) computes the conv in `dtype` as above; a
+      function (x, kernel, strides, padding, out_dtype) -> conv(x, kernel)
+      runs the conv of a binary input and binary kernel instead, e.g. an
+      exact narrow-operand formulation (`exact_binary_conv.conv_function`:
+      the same sums, the same backward). Ignored unless both are binarised.
   """
   features: int
   kernel_size: int = 3
@@ -418,7 +417,7 @@ class BinaryConv(nn.Module):
   kernel_init: Callable[..., Array] = reference_kernel_init
   dtype: Dtype = jnp.float32
   operand_dtype: Optional[str] = None
-  binary_conv_impl: str = "auto"
+  binary_conv: Optional[Callable[..., Array]] = None
 
   @property
   def binary_inputs(self) -> bool:
@@ -465,21 +464,13 @@ class BinaryConv(nn.Module):
     pad = self.resolved_padding(x.shape[1:3])
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     float32_sum = jnp.dtype(self.dtype).itemsize < 4
-    # The formulation hook (imported here: exact_binary_conv uses this
-    # module's conv kernels).
-    from bnn_jax import exact_binary_conv  # pylint: disable=g-import-not-at-top
-    impl = exact_binary_conv.resolve(self.binary_conv_impl)
-    if self.operand_dtype is not None:  # the older lever below wins over "auto"
-      if self.binary_conv_impl != exact_binary_conv.AUTO:
-        raise ValueError(f"operand_dtype {self.operand_dtype!r} and "
-                         f"binary_conv_impl {self.binary_conv_impl!r}: set "
-                         "one of them")
-      impl = exact_binary_conv.COMPUTE_DTYPE
-    if (impl != exact_binary_conv.COMPUTE_DTYPE and self.binary_inputs
+    if (self.binary_conv is not None and self.binary_inputs
         and self.binary_weights):
-      return exact_binary_conv.binary_conv(
-          x, kernel, self.strides, pad, impl,
-          jnp.float32 if float32_sum else self.dtype)
+      if self.operand_dtype is not None:
+        raise ValueError(f"operand_dtype {self.operand_dtype!r} and a "
+                         "binary_conv formulation: set one of them")
+      return self.binary_conv(x, kernel, self.strides, pad,
+                              jnp.float32 if float32_sum else self.dtype)
     if self.operand_dtype is not None:
       if self.operand_dtype not in BINARY_OPERAND_DTYPES:
         raise ValueError(f"unknown operand_dtype {self.operand_dtype!r}; "

@@ -220,9 +220,18 @@ def test_auto_is_the_backend_default_and_names_are_checked():
   assert exact_binary_conv.resolve("auto") == exact_binary_conv.DEFAULT_IMPL[
       jax.default_backend()]
   assert exact_binary_conv.resolve("int8") == "int8"
-  conv = layers.BinaryConv(8, binary_conv_impl="int4")
+  assert exact_binary_conv.conv_function("compute_dtype") is None
+  x = jnp.ones((1, 8, 8, 1))
+  bad = models.create("reactnet_small", num_classes=10, width_multiplier=0.25,
+                      binary_conv_impl="int4")
   with pytest.raises(ValueError, match="unknown binary_conv_impl 'int4'"):
-    conv.init(jax.random.key(0), jnp.ones((1, 4, 4, 8)))
-  both = layers.BinaryConv(8, binary_conv_impl="int8", operand_dtype="int8")
+    bad.init(jax.random.key(0), x)
+  both = models.create("reactnet_small", num_classes=10, width_multiplier=0.25,
+                       binary_conv_impl="int8",
+                       binary_conv_operand_dtype="int8")
   with pytest.raises(ValueError, match="set one of them"):
-    both.init(jax.random.key(0), jnp.ones((1, 4, 4, 8)))
+    both.init(jax.random.key(0), x)
+  # "auto" leaves the older operand_dtype lever in charge.
+  auto = models.create("reactnet_small", num_classes=10, width_multiplier=0.25,
+                       binary_conv_operand_dtype="int8")
+  auto.init(jax.random.key(0), x)

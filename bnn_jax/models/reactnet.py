@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from bnn_jax import exact_binary_conv
 from bnn_jax.layers import BatchNorm, BinaryConv, RPReLU, Shift
 from bnn_jax.layers import reference_kernel_init
 
@@ -78,6 +79,14 @@ class ReActNetABlock(nn.Module):
   binary_conv_impl: str = "auto"
   bn_stats_method: str = "two_pass"
 
+  def _binary_conv_function(self):
+    """The BinaryConvs' `binary_conv` for `binary_conv_impl` (None: their own
+    conv). "auto" leaves `binary_conv_operand_dtype`, when set, in charge."""
+    if (self.binary_conv_operand_dtype is not None
+        and self.binary_conv_impl == exact_binary_conv.AUTO):
+      return None
+    return exact_binary_conv.conv_function(self.binary_conv_impl)
+
   def _conv(self, features, kernel_size, strides, name):
     conv = BinaryConv(features, kernel_size=kernel_size, strides=strides,
                       input_binarizer=self.input_binarizer,
@@ -85,7 +94,7 @@ class ReActNetABlock(nn.Module):
                       zero_to=self.zero_to, kernel_init=self.kernel_init,
                       dtype=self.dtype,
                       operand_dtype=self.binary_conv_operand_dtype,
-                      binary_conv_impl=self.binary_conv_impl, name=name)
+                      binary_conv=self._binary_conv_function(), name=name)
     if not self.name_conv_outputs:
       return conv
     # Marks the conv outputs as the values `remat_blocks` keeps.
