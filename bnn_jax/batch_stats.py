@@ -50,10 +50,13 @@ def centered(x: Array, axes: Sequence[int], method: str
              ) -> tuple[Array, Array, Array]:
   """(mu, var, x - mu) of float32 x over `axes` (keepdims) by `method`."""
   axes = tuple(a % x.ndim for a in axes)
+  # two_pass and one_pass return x - mu as its own expression (not the
+  # variance's): the program, and so the backward's sums, of the BatchNorm
+  # these were written in before, bit for bit.
   if method == "two_pass":
     mu = jnp.mean(x, axis=axes, keepdims=True)
-    xc = x - mu
-    return mu, jnp.mean(jnp.square(xc), axis=axes, keepdims=True), xc
+    var = jnp.mean(jnp.square(x - mu), axis=axes, keepdims=True)
+    return mu, var, x - mu
   if method == "one_pass":
     mu = jnp.mean(x, axis=axes, keepdims=True)
     var = jnp.maximum(jnp.mean(jnp.square(x), axis=axes, keepdims=True)
