@@ -235,3 +235,23 @@ def test_auto_is_the_backend_default_and_names_are_checked():
   auto = models.create("reactnet_small", num_classes=10, width_multiplier=0.25,
                        binary_conv_operand_dtype="int8")
   auto.init(jax.random.key(0), x)
+
+
+def test_run_wide_config_fields_reach_reactnet_a_only():
+  """`config.model.binary_conv_impl` / `bn_stats_method` (unset by default,
+  so existing workdirs' configs are unchanged) reach every ReActNet-A phase
+  and are skipped for the ResNet-34 teacher, which has no such attribute."""
+  from bnn_jax.configs import reactnet_a_imagenet  # pylint: disable=g-import-not-at-top
+  config = reactnet_a_imagenet.get_config()
+  assert config.model.binary_conv_impl is None
+  assert config.model.bn_stats_method is None
+  assert models.from_config(config, config.phases.step2.model,
+                            10).binary_conv_impl is None
+  config.model.binary_conv_impl = "float16_chunked"
+  config.model.bn_stats_method = "shifted_one_pass"
+  for phase in ("step1", "step2"):
+    model = models.from_config(config, config.phases[phase].model, 10)
+    assert (model.binary_conv_impl, model.bn_stats_method) == (
+        "float16_chunked", "shifted_one_pass")
+  teacher = models.from_config(config, config.phases.teacher.model, 10)
+  assert not hasattr(teacher, "binary_conv_impl")

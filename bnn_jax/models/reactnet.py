@@ -76,16 +76,18 @@ class ReActNetABlock(nn.Module):
   binary_conv_operand_dtype: Optional[str] = None
   bn_one_pass_stats: Optional[bool] = None
   name_conv_outputs: bool = False
-  binary_conv_impl: str = "auto"
-  bn_stats_method: str = "two_pass"
+  binary_conv_impl: Optional[str] = None
+  bn_stats_method: Optional[str] = None
 
   def _binary_conv_function(self):
     """The BinaryConvs' `binary_conv` for `binary_conv_impl` (None: their own
-    conv). "auto" leaves `binary_conv_operand_dtype`, when set, in charge."""
+    conv). "auto" (or None) leaves `binary_conv_operand_dtype`, when set, in
+    charge."""
+    impl = self.binary_conv_impl or exact_binary_conv.AUTO
     if (self.binary_conv_operand_dtype is not None
-        and self.binary_conv_impl == exact_binary_conv.AUTO):
+        and impl == exact_binary_conv.AUTO):
       return None
-    return exact_binary_conv.conv_function(self.binary_conv_impl)
+    return exact_binary_conv.conv_function(impl)
 
   def _conv(self, features, kernel_size, strides, name):
     conv = BinaryConv(features, kernel_size=kernel_size, strides=strides,
@@ -103,7 +105,8 @@ class ReActNetABlock(nn.Module):
   def _bn(self, name):
     return BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
                      one_pass_stats=bool(self.bn_one_pass_stats),
-                     stats_method=self.bn_stats_method, name=name)
+                     stats_method=self.bn_stats_method or "two_pass",
+                     name=name)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -161,14 +164,16 @@ class ReActNetA(nn.Module):
       activations written to and read from memory; the same gradients).
       None = off.
     binary_conv_impl: the formulation of the binary convs' forward
-      (`bnn_jax.exact_binary_conv`): "auto" (the backend's default,
+      (`bnn_jax.exact_binary_conv`): "auto" (= None, the backend's default,
       `exact_binary_conv.DEFAULT_IMPL`), "compute_dtype" (the conv in
       `dtype`, a float32 sum below float32) or an exact narrow-operand
       formulation ("int8", "float8_e4m3fn", "float16_chunked", "bfloat16",
-      "bfloat16_im2col"): the same sums, the same backward.
+      "bfloat16_im2col"): the same sums, the same backward. Run-wide in a
+      config: `config.model.binary_conv_impl`.
     bn_stats_method: the blocks' BatchNorm batch statistics
-      (`bnn_jax.batch_stats`): "two_pass" (default), "one_pass" or
-      "shifted_one_pass" (one pass, exact when mean >> std).
+      (`bnn_jax.batch_stats`): "two_pass" (= None, the default),
+      "one_pass" or "shifted_one_pass" (one pass, exact when mean >> std).
+      Run-wide in a config: `config.model.bn_stats_method`.
   """
   num_classes: int = 1000
   channels: Sequence[int] = REACTNET_A_CHANNELS
@@ -184,8 +189,8 @@ class ReActNetA(nn.Module):
   binary_conv_operand_dtype: Optional[str] = None
   bn_one_pass_stats: Optional[bool] = None
   remat_blocks: Optional[bool] = None
-  binary_conv_impl: str = "auto"
-  bn_stats_method: str = "two_pass"
+  binary_conv_impl: Optional[str] = None
+  bn_stats_method: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
