@@ -130,7 +130,7 @@ def _chunks(c_in: int, taps: int, max_fan_in: Optional[int]) -> list[slice]:
   """Input-channel slices with len * taps <= max_fan_in (one slice if None).
 
   Chunks of floor(max_fan_in / taps) channels, rounded down to a multiple of
-  8 where that leaves at least 8 (tensor-core friendly), the last one shorter.
+  8 when that is at least 16 (tensor-core friendly), the last one shorter.
   """
   if max_fan_in is None or c_in * taps <= max_fan_in:
     return [slice(0, c_in)]

@@ -86,13 +86,17 @@ def test_reactnet_a_shapes_are_enumerated():
   assert max(fan_ins) == 9 * 1024 and 9 * 512 in fan_ins
   assert sorted({c[0][1] for c in binary_conv_calls(model, 32)}) == [
       1, 2, 4, 8, 16]
+  assert sorted({c[0][1] for c in binary_conv_calls(model, 200)}) == [
+      7, 13, 25, 50, 100]
 
 
-# One of each path: a lax conv with float16 chunks (fan-in 2,304), a stride-2
-# conv with the "same" padding of an even map, a 3x3 conv on a 2x2 map
+# One of each path: a lax conv with float16 chunks (fan-in 2,304), stride-2
+# convs with the "same" padding of an even map and on an odd map, a 3x3 conv
+# on a 2x2 map
 # (trimmed taps, im2col), a 3x3 conv on a 1x1 map (a matmul) and a 1x1 conv.
 FAST_CASES = [((1, 7, 7, 256), (3, 3, 256, 8), 1, 1),
               ((1, 8, 8, 16), (3, 3, 16, 8), 2, ((0, 1), (0, 1))),
+              ((1, 7, 7, 16), (3, 3, 16, 8), 2, 1),
               ((2, 2, 2, 512), (3, 3, 512, 16), 1, 1),
               ((2, 1, 1, 1024), (3, 3, 1024, 8), 1, 1),
               ((1, 5, 5, 64), (1, 1, 64, 48), 1, 0)]
@@ -137,9 +141,11 @@ def test_every_reactnet_a_conv_on_32x32_is_exact():
 
 
 @pytest.mark.slow
-def test_every_reactnet_a_conv_on_224x224_is_exact():
-  """Maps 112 to 7 (lax convs, chunked float16 on 256 to 1,024 channels)."""
-  _check_sums(binary_conv_calls(models.create("reactnet_a"), 224), IMPLS)
+@pytest.mark.parametrize("size", [224, 200])
+def test_every_reactnet_a_conv_on_224x224_is_exact(size):
+  """Maps 112 to 7 (lax convs, chunked float16 on 256 to 1,024 channels);
+  200x200 has the odd maps 25 and 13 (stride-2 convs on 50 and 25)."""
+  _check_sums(binary_conv_calls(models.create("reactnet_a"), size), IMPLS)
 
 
 def _layer_operands(x_shape, k_shape, dtype, seed=0):
