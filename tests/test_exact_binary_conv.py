@@ -1,8 +1,8 @@
 """The exact narrow-operand formulations of a binary conv (`bnn_jax.exact_binary_conv`).
 
 * For every binary conv of ReActNet-A (its shapes, strides and paddings as
-  the model calls them, on 224x224 and 32x32 inputs: maps 112 to 7 and 16
-  to 1, where taps that only read padding are dropped), every formulation's
+  the model calls them, on 224x224, 96x96 and 32x32 inputs: maps 112 to 7,
+  48 to 3 and 16 to 1, where taps that only read padding are dropped), every formulation's
   integer sums equal the float32 conv of the same +-1/0 operands bit for
   bit (the float32 conv of +-1 is exact: |S| <= 9,216 < 2^24).
 * Sums at the fan-in limit (all products +1 but two): float16 needs the
@@ -86,8 +86,8 @@ def test_reactnet_a_shapes_are_enumerated():
   assert max(fan_ins) == 9 * 1024 and 9 * 512 in fan_ins
   assert sorted({c[0][1] for c in binary_conv_calls(model, 32)}) == [
       1, 2, 4, 8, 16]
-  assert sorted({c[0][1] for c in binary_conv_calls(model, 200)}) == [
-      7, 13, 25, 50, 100]
+  assert sorted({c[0][1] for c in binary_conv_calls(model, 96)}) == [
+      3, 6, 12, 24, 48]
 
 
 # One of each path: a lax conv with float16 chunks (fan-in 2,304), stride-2
@@ -141,10 +141,10 @@ def test_every_reactnet_a_conv_on_32x32_is_exact():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", [224, 200])
+@pytest.mark.parametrize("size", [224, 96])
 def test_every_reactnet_a_conv_on_224x224_is_exact(size):
   """Maps 112 to 7 (lax convs, chunked float16 on 256 to 1,024 channels);
-  200x200 has the odd maps 25 and 13 (stride-2 convs on 50 and 25)."""
+  96x96 ends on the odd 3x3 map (im2col, every tap used)."""
   _check_sums(binary_conv_calls(models.create("reactnet_a"), size), IMPLS)
 
 
