@@ -16,7 +16,9 @@
 # Environment: PYTHON (default: python), NICE (default: 0; the documented
 # rounds used nice -n -10), BNN_CPU_SIZES (default "224 32"), BNN_CPU_LEVERS
 # (default "bn_one_pass remat_blocks bn_one_pass_remat"; empty: only the
-# reference and the defaults).
+# reference and the defaults; also bn_shifted and the exact binary conv
+# formulations int8, float8_e4m3fn, float16_chunked, bfloat16,
+# bfloat16_im2col).
 
 set -u
 OUTDIR="${1:-cpu_levers}"
@@ -48,6 +50,9 @@ for round in $(seq 1 "$ROUNDS"); do
         bn_one_pass) args=(--bn_one_pass_stats) ;;
         remat_blocks) args=(--remat_blocks) ;;
         bn_one_pass_remat) args=(--bn_one_pass_stats --remat_blocks) ;;
+        bn_shifted) args=(--bn_stats_method=shifted_one_pass) ;;
+        int8|float8_e4m3fn|float16_chunked|bfloat16|bfloat16_im2col)
+          args=(--binary_conv_impl=$lever) ;;
         *) echo "unknown lever in BNN_CPU_LEVERS: $lever" >&2; exit 2 ;;
       esac
       row "r${round}_${size}_${lever}" -- "${bench[@]}" "${args[@]}"

@@ -10,24 +10,34 @@
 # a separate process under its own time limit and the overall deadline (a
 # failure or timeout costs that row only):
 #
-#   jax_step2_bf16            bnn_jax step 2, bf16, batch 256, 224x224, with a
-#                             jax.profiler trace of 3 more steps (summarised
-#                             into profile_step2_bf16.{json,txt}; the Perfetto
-#                             trace kept if < 6 MiB) and the optimised HLO of
-#                             the step (xla_dump/*.txt.gz)
-#   torch_step2               PyTorch reference network: float32 NCHW eager
-#                             (the reference code), bf16 autocast +
-#                             channels_last eager, + torch.compile
-#   lever_fp8 / lever_bn_one_pass / lever_remat_blocks
-#                             bnn_jax opt-in levers (step 2 bf16)
-#   jax_step2_f32             bnn_jax step 2, float32
-#   jax_step1_bf16_resnet34   step 1 bf16 + ResNet-34 teacher, 120 steps on
+#   jax_step2_bf16            bnn_jax step 2, bf16, batch 256, 224x224, the
+#                             defaults, with a jax.profiler trace of 3 more
+#                             steps (summarised into profile_step2_bf16.
+#                             {json,txt}; the Perfetto trace kept if < 6 MiB)
+#                             and the optimised HLO of the step
+#                             (xla_dump/*.txt.gz)
+#   jax_step1_bf16_resnet34_fresh
+#                             step 1 bf16 + ResNet-34 teacher, 120 steps on
 #                             fresh random batches, every step checked finite
-#                             (needs bnn_jax.benchmark --fresh_batches)
-#   torch_step1_resnet34      the PyTorch configurations, step 1 + teacher
-#   lever_xla_no_triton_gemm / lever_int8 / lever_fp8_bn_one_pass_remat /
-#   lever_f32_force_conv_nhwc            more levers
+#   lever_f16_chunked / lever_int8 / lever_bf16_im2col
+#                             the exact narrow-operand binary forward convs
+#                             (--binary_conv_impl, bnn_jax.exact_binary_conv;
+#                             float16 with a profile, profile_f16_chunked.*)
+#   lever_bn_shifted_one_pass / lever_f16_chunked_bn_shifted
+#                             one-pass BatchNorm statistics exact at
+#                             mean >> std (--bn_stats_method), alone and with
+#                             the float16 convs
+#   torch_step2               PyTorch, strongest configuration (bf16 autocast
+#                             + channels_last + torch.compile), on cards
+#                             without PyTorch rows in docs/performance.md
+#                             (all three configurations with BNN_GPU_TORCH=1)
+#   lever_fp8 / lever_bf16    float8_e4m3fn (slow to compile) and bfloat16
+#                             operands
+#   torch_step1_resnet34 / lever_bn_one_pass / lever_remat_blocks /
+#   jax_step2_f32 / lever_xla_no_triton_gemm
+#                             rows measured on the H200 before, if time is left
 #   inference                 python -m bnn_jax.benchmark --inference, if present
+#   lever_f32_force_conv_nhwc last
 #
 # Output in OUTDIR: rows.jsonl (one JSON object per row: the benchmark's
 # result plus row name, command, wall time; `error` when it failed),
@@ -38,11 +48,17 @@
 # benchmarks/prepare_gpu_deps.sh here first and carry .gpu_deps along.
 #
 # Environment: PYTHON (default: python), BNN_GPU_BUDGET_S (overall wall-clock
-# budget, default 530 s), BNN_GPU_SMOKE=1 (batch 2, tiny models, 2 steps; with
+# budget, default 480 s: with the summaries the whole run fits a 9-minute
+# call), BNN_GPU_SMOKE=1 (batch 2, tiny models, 2 steps; with
 # BNN_GPU_SMOKE_COMPILE=1 also torch.compile), BNN_GPU_BLOCK_TF=1 (make any
 # `import tensorflow` fail, to prove none happens; on by default in smoke mode),
 # BNN_GPU_ROWS (a bash regex: run only the rows whose name matches),
-# BNN_GPU_AUTOTUNE_CACHE=0 (no shared XLA autotuning cache).
+# BNN_GPU_AUTOTUNE_CACHE=0 (no shared XLA autotuning cache), BNN_GPU_TORCH
+# (auto: PyTorch rows only on cards other than the H200; 1 always; 0 never).
+#
+# Every row is appended to rows.jsonl as soon as its process ends (a failed
+# or timed-out row as a row with `error`), so what was measured is on disk
+# before any later row runs, and survives the call being cut.
 
 set -u
 OUTDIR="${1:-${OUT:-gpu_results}}"
@@ -51,7 +67,7 @@ OUTDIR="$(cd "$OUTDIR" && pwd)"
 ROWS="$OUTDIR/rows.jsonl"
 LOG="$OUTDIR/run.log"
 PY="${PYTHON:-python}"
-BUDGET="${BNN_GPU_BUDGET_S:-530}"
+BUDGET="${BNN_GPU_BUDGET_S:-480}"
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 SMOKE="${BNN_GPU_SMOKE:-0}"
@@ -65,14 +81,14 @@ if [ "$SMOKE" = 1 ]; then
   if [ "${BNN_GPU_SMOKE_COMPILE:-0}" = 1 ]; then
     TORCH_CONFIGS=$TORCH_CONFIGS,amp_channels_last_compile
   fi
-  T_JAX=300; T_TORCH=400; T_INF=120
+  T_JAX=300; T_NARROW=300; T_FP8=300; T_TORCH=400; T_INF=120
   : "${BNN_GPU_BLOCK_TF:=1}"
 else
   MODEL=reactnet_a; TEACHER=resnet34; SIZE=224; BATCH=256; CLASSES=1000
   STEPS=10; WARMUP=2; STABLE_STEPS=120; TORCH_SIZE=224; TORCH_BATCH=256
   TORCH_STEPS=10; TORCH_WARMUP=3
   TORCH_CONFIGS=reference,amp_channels_last,amp_channels_last_compile
-  T_JAX=120; T_TORCH=240; T_INF=60
+  T_JAX=120; T_NARROW=150; T_FP8=200; T_TORCH=240; T_INF=60
 fi
 
 if [ "${BNN_GPU_BLOCK_TF:-0}" = 1 ]; then
@@ -129,65 +145,104 @@ jax_row() {  # jax_row NAME TIMEOUT_S "EXTRA XLA FLAGS" BENCHMARK_FLAGS...
   row "$name" "$limit" --env "XLA_FLAGS=${xla_flags# }" -- "${BENCH[@]}" "$@"
 }
 
-# 1. bnn_jax step 2 bf16: the "before" row, a profile and the optimised HLO.
+summarize_trace() {  # summarize_trace TRACE_DIR NAME: profile_NAME.{json,txt}
+  # Within the deadline (at most 90 s); then only the Perfetto trace
+  # (ui.perfetto.dev) is kept, if < 6 MiB.
+  local dir=$1 name=$2 limit=$((DEADLINE - $(date +%s) - 5))
+  [ -d "$dir" ] || return 0
+  [ "$limit" -gt 90 ] && limit=90
+  if [ "$limit" -lt 10 ]; then
+    echo "no time left to summarise $dir" >> "$LOG"
+  else
+    timeout "$limit" "$PY" -m benchmarks.trace_summary "$dir" \
+      "$OUTDIR/profile_$name.json" > "$OUTDIR/profile_$name.txt" \
+      2>> "$LOG" || echo "trace summary $name failed" >> "$LOG"
+  fi
+  find "$dir" -type f \( ! -name 'perfetto_trace.json.gz' -o -size +6M \) \
+    -delete
+}
+
+# PyTorch rows: only on a card without them in docs/performance.md (the H200
+# rows of 2026-11-30), and then only the strongest configuration (bf16
+# autocast + channels_last + torch.compile); BNN_GPU_TORCH=1 runs them
+# always, =0 never.
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+TORCH_ROWS="${BNN_GPU_TORCH:-auto}"
+if [ "$TORCH_ROWS" = auto ]; then
+  TORCH_ROWS=1
+  case "$GPU_NAME" in *H200*) TORCH_ROWS=0 ;; esac
+  [ "$SMOKE" = 1 ] || TORCH_CONFIGS=amp_channels_last_compile
+fi
+echo "GPU '$GPU_NAME': PyTorch rows $TORCH_ROWS ($TORCH_CONFIGS)" >> "$LOG"
+
+# 1. bnn_jax step 2 bf16 with the defaults: a profile and the optimised HLO.
 jax_row jax_step2_bf16 $((T_JAX + 30)) \
   "--xla_dump_to=$OUTDIR/xla_dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*" \
   --phase=step2 --dtype=bfloat16 --trace_dir="$OUTDIR/trace"
-timeout 90 "$PY" -m benchmarks.trace_summary "$OUTDIR/trace" \
-  "$OUTDIR/profile_step2_bf16.json" > "$OUTDIR/profile_step2_bf16.txt" \
-  2>> "$LOG" || echo "trace summary failed" >> "$LOG"
-# Keep what comes back small: the optimised HLO (gzipped), trace files < 6 MiB.
+summarize_trace "$OUTDIR/trace" step2_bf16
+# Keep what comes back small: the optimised HLO (gzipped).
 if [ -d "$OUTDIR/xla_dump" ]; then
   find "$OUTDIR/xla_dump" -type f ! -name '*after_optimizations.txt' \
     ! -name '*buffer-assignment.txt' -delete
   find "$OUTDIR/xla_dump" -type f -name '*.txt' -exec gzip -f {} +
   find "$OUTDIR/xla_dump" -type d -empty -delete
 fi
-if [ -d "$OUTDIR/trace" ]; then  # the Perfetto trace (ui.perfetto.dev) only
-  find "$OUTDIR/trace" -type f \( ! -name 'perfetto_trace.json.gz' -o \
-    -size +6M \) -delete
+
+# 2. Step 1 bf16 + teacher with the defaults: the KD stability run on fresh
+#    batches, every step checked finite.
+jax_row jax_step1_bf16_${TEACHER}_fresh $((T_JAX + 60)) "" --phase=step1 \
+  --dtype=bfloat16 --teacher=$TEACHER --fresh_batches --steps=$STABLE_STEPS
+
+# 3. The exact narrow-operand forward convs (bnn_jax.exact_binary_conv), each
+#    with a compile limit that lets it finish; float16 in fan-in chunks (a
+#    float16 conv with a float16 result, which cuDNN runs as is) first, with
+#    a profile.
+jax_row lever_f16_chunked $T_NARROW "" --phase=step2 --dtype=bfloat16 \
+  --binary_conv_impl=float16_chunked --trace_dir="$OUTDIR/trace_f16_chunked"
+summarize_trace "$OUTDIR/trace_f16_chunked" f16_chunked
+jax_row lever_int8 $T_NARROW "" --phase=step2 --dtype=bfloat16 \
+  --binary_conv_impl=int8
+jax_row lever_bf16_im2col $T_NARROW "" --phase=step2 --dtype=bfloat16 \
+  --binary_conv_impl=bfloat16_im2col
+
+# 4. Fewer reduction passes: one-pass BatchNorm statistics exact at
+#    mean >> std (bnn_jax.batch_stats), alone and with the float16 convs.
+jax_row lever_bn_shifted_one_pass $T_JAX "" --phase=step2 --dtype=bfloat16 \
+  --bn_stats_method=shifted_one_pass
+jax_row lever_f16_chunked_bn_shifted $T_NARROW "" --phase=step2 \
+  --dtype=bfloat16 --binary_conv_impl=float16_chunked \
+  --bn_stats_method=shifted_one_pass
+
+# 5. PyTorch step 2 (the ratio's denominator), where this card lacks it.
+if [ "$TORCH_ROWS" = 1 ]; then
+  row torch_step2 $T_TORCH --jsonl_out "$ROWS" -- "$PY" -m \
+    benchmarks.torch_side_by_side --out="$ROWS" --phase=step2 \
+    --batch=$TORCH_BATCH --input_size=$TORCH_SIZE --steps=$TORCH_STEPS \
+    --warmup=$TORCH_WARMUP --configs=$TORCH_CONFIGS
 fi
 
-# 2. PyTorch, step 2, no teacher: reference, AMP + channels_last, + compile.
-row torch_step2 $T_TORCH --jsonl_out "$ROWS" -- "$PY" -m \
-  benchmarks.torch_side_by_side --out="$ROWS" --phase=step2 \
-  --batch=$TORCH_BATCH --input_size=$TORCH_SIZE --steps=$TORCH_STEPS \
-  --warmup=$TORCH_WARMUP --configs=$TORCH_CONFIGS
+# 6. The slow-compiling narrow operands (float8: 120 s were not enough on
+#    the H200) and the last exact formulation.
+jax_row lever_fp8 $T_FP8 "" --phase=step2 --dtype=bfloat16 \
+  --binary_conv_impl=float8_e4m3fn
+jax_row lever_bf16 $T_NARROW "" --phase=step2 --dtype=bfloat16 \
+  --binary_conv_impl=bfloat16
 
-# 3. Levers on the bnn_jax step 2 bf16 step.
-jax_row lever_fp8 $T_JAX "" --phase=step2 --dtype=bfloat16 \
-  --binary_conv_operand_dtype=float8_e4m3fn
+# 7. Levers measured on the H200 before (2026-11-30) and the rest, if time
+#    is left.
+if [ "$TORCH_ROWS" = 1 ]; then
+  row torch_step1_resnet34 $T_TORCH --jsonl_out "$ROWS" -- "$PY" -m \
+    benchmarks.torch_side_by_side --out="$ROWS" --phase=step1 \
+    --teacher=resnet34 --batch=$TORCH_BATCH --input_size=$TORCH_SIZE \
+    --steps=$TORCH_STEPS --warmup=$TORCH_WARMUP --configs=$TORCH_CONFIGS
+fi
 jax_row lever_bn_one_pass $T_JAX "" --phase=step2 --dtype=bfloat16 \
   --bn_one_pass_stats
 jax_row lever_remat_blocks $T_JAX "" --phase=step2 --dtype=bfloat16 \
   --remat_blocks
-
-# 4. bnn_jax step 2 float32.
 jax_row jax_step2_f32 $T_JAX "" --phase=step2 --dtype=float32
-
-# 5. Step 1 bf16 + teacher: the KD stability run on fresh batches.
-if grep -q "fresh_batches" bnn_jax/tools/benchmark.py; then
-  jax_row jax_step1_bf16_${TEACHER}_fresh $((T_JAX + 60)) "" --phase=step1 \
-    --dtype=bfloat16 --teacher=$TEACHER --fresh_batches --steps=$STABLE_STEPS
-else
-  echo "bnn_jax.benchmark has no --fresh_batches: fixed-batch step 1 row" >> "$LOG"
-  jax_row jax_step1_bf16_${TEACHER} $T_JAX "" --phase=step1 --dtype=bfloat16 \
-    --teacher=$TEACHER
-fi
-
-# 6. PyTorch, step 1 + ResNet-34 teacher.
-row torch_step1_resnet34 $T_TORCH --jsonl_out "$ROWS" -- "$PY" -m \
-  benchmarks.torch_side_by_side --out="$ROWS" --phase=step1 \
-  --teacher=resnet34 --batch=$TORCH_BATCH --input_size=$TORCH_SIZE \
-  --steps=$TORCH_STEPS --warmup=$TORCH_WARMUP --configs=$TORCH_CONFIGS
-
-# 7. More levers.
 jax_row lever_xla_no_triton_gemm $T_JAX "--xla_gpu_enable_triton_gemm=false" \
   --phase=step2 --dtype=bfloat16
-jax_row lever_int8 $T_JAX "" --phase=step2 --dtype=bfloat16 \
-  --binary_conv_operand_dtype=int8
-jax_row lever_fp8_bn_one_pass_remat $T_JAX "" --phase=step2 --dtype=bfloat16 \
-  --binary_conv_operand_dtype=float8_e4m3fn --bn_one_pass_stats --remat_blocks
 
 # 8. Inference (float vs 1-bit packed forward), where the benchmark has it.
 if grep -q -- "--inference" bnn_jax/benchmark.py; then
@@ -200,9 +255,10 @@ fi
 jax_row lever_f32_force_conv_nhwc $T_JAX "--xla_gpu_force_conv_nhwc=true" \
   --phase=step2 --dtype=float32
 
-timeout 60 "$PY" -m benchmarks.summarize_gpu "$ROWS" --profile \
-  "$OUTDIR/profile_step2_bf16.json" > "$OUTDIR/summary.md" 2>> "$LOG" \
-  || echo "summarize_gpu failed" >> "$LOG"
+timeout 30 "$PY" -m benchmarks.summarize_gpu "$ROWS" \
+  --profile "$OUTDIR/profile_step2_bf16.json" \
+  --profile "$OUTDIR/profile_f16_chunked.json" > "$OUTDIR/summary.md" \
+  2>> "$LOG" || echo "summarize_gpu failed" >> "$LOG"
 echo "done in $(( $(date +%s) - START )) s: $(wc -l < "$ROWS") rows in $ROWS" \
   | tee -a "$LOG"
 if [ "$(wc -c < "$LOG")" -gt 4000000 ]; then  # keep what comes back small

@@ -1,7 +1,7 @@
 """Markdown tables for docs/performance.md from gpu_side_by_side.sh's rows.
 
   python -m benchmarks.summarize_gpu OUTDIR/rows.jsonl \
-      [--profile OUTDIR/profile_step2_bf16.json] > summary.md
+      [--profile OUTDIR/profile_step2_bf16.json ...] > summary.md
 
 Tables:
 
@@ -12,7 +12,8 @@ Tables:
 * levers: each `lever_*` row against the bnn_jax row it changes (same phase
   and dtype, no lever): images/s, the ratio, MFU, memory;
 * the step-1 stability run (steps, finite, first non-finite step);
-* the profile's time by kind and top ops, when given;
+* each profile's time by kind and top ops, when given (one section per
+  `--profile`);
 * rows that failed, with their error.
 
 MFU is the rows' own: model FLOPs (`bnn_jax.benchmark.model_flops_per_step`,
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional
 
@@ -126,7 +128,8 @@ def levers_table(rows: list[dict]) -> list[str]:
     if not is_lever(r):
       continue
     how = " ".join(a for a in r.get("command", "").split()
-                   if a.startswith(("--binary_conv", "--bn_one", "--remat")))
+                   if a.startswith(("--binary_conv", "--bn_one", "--bn_stats",
+                                    "--remat")))
     flags = " ".join(  # the flags that change the program, not the logistics
         f for f in (r.get("env") or {}).get("XLA_FLAGS", "").split()
         if not f.startswith(("--xla_dump", "--xla_gpu_per_fusion_autotune")))
@@ -181,7 +184,9 @@ def profile_lines(path: str, top: int = 15) -> list[str]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("rows")
-  parser.add_argument("--profile", default="")
+  parser.add_argument("--profile", action="append", default=[],
+                      help="a trace_summary JSON (profile_NAME.json); "
+                           "repeat for several")
   args = parser.parse_args(argv)
   try:
     rows = load_rows(args.rows)
@@ -196,10 +201,12 @@ def main(argv=None) -> int:
   stability = stability_lines(rows)
   if stability:
     lines += ["", "### Step 1 bf16 + teacher on fresh batches", ""] + stability
-  if args.profile:
+  for path in args.profile:
+    name = os.path.basename(path).removeprefix("profile_").removesuffix(
+        ".json")
+    lines += ["", f"### Profile: {name}", ""]
     try:
-      lines += ["", "### Profile of the bf16 step 2 step", ""]
-      lines += profile_lines(args.profile)
+      lines += profile_lines(path)
     except (OSError, ValueError, KeyError) as e:
       lines.append(f"(no profile: {e})")
   failed = [r for r in rows if "error" in r and not is_lever(r)]

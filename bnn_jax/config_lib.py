@@ -9,6 +9,11 @@ A run config:
   model.bn_group_size     per-group ("ghost") BatchNorm statistics; unset = global
   model.dtype             computation dtype of every model ('float32', 'bfloat16'),
                           unless its phase sets phases.<name>.model.dtype
+  model.binary_conv_impl  formulation of the binary convs' forward in every
+                          model that has the attribute (ReActNet-A;
+                          `bnn_jax.exact_binary_conv`); unset = 'auto'
+  model.bn_stats_method   BatchNorm batch statistics of those models
+                          (`bnn_jax.batch_stats`); unset = 'two_pass'
   phase_order             comma-separated phase names, run in order
   phases.<name>           one phase (below)
   log_every_steps, eval_every_epochs, checkpoint_every_steps, keep_checkpoints
@@ -63,6 +68,10 @@ def base_config(dataset_name: str) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.bn_group_size = config_dict.placeholder(int)
   config.model.dtype = "float32"
+  # Performance levers of the models that have them (ReActNet-A); unset =
+  # the model's default (docs/performance.md).
+  config.model.binary_conv_impl = config_dict.placeholder(str)
+  config.model.bn_stats_method = config_dict.placeholder(str)
   config.phase_order = ""
   config.phases = ml_collections.ConfigDict()
   config.log_every_steps = 100

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bnn_jax import batch_stats
 from bnn_jax import binary
 
 Array = jax.Array
@@ -398,6 +399,11 @@ class BinaryConv(nn.Module):
       `BINARY_OPERAND_DTYPES` runs the forward conv of a binary input and
       binary kernel on exact narrow operands (`binary_conv_low_precision`:
       same result, same backward). Ignored unless both are binarised.
+    binary_conv: None (default) computes the conv in `dtype` as above; a
+      function (x, kernel, strides, padding, out_dtype) -> conv(x, kernel)
+      runs the conv of a binary input and binary kernel instead, e.g. an
+      exact narrow-operand formulation (`exact_binary_conv.conv_function`:
+      the same sums, the same backward). Ignored unless both are binarised.
   """
   features: int
   kernel_size: int = 3
@@ -411,6 +417,7 @@ class BinaryConv(nn.Module):
   kernel_init: Callable[..., Array] = reference_kernel_init
   dtype: Dtype = jnp.float32
   operand_dtype: Optional[str] = None
+  binary_conv: Optional[Callable[..., Array]] = None
 
   @property
   def binary_inputs(self) -> bool:
@@ -457,6 +464,13 @@ class BinaryConv(nn.Module):
     pad = self.resolved_padding(x.shape[1:3])
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     float32_sum = jnp.dtype(self.dtype).itemsize < 4
+    if (self.binary_conv is not None and self.binary_inputs
+        and self.binary_weights):
+      if self.operand_dtype is not None:
+        raise ValueError(f"operand_dtype {self.operand_dtype!r} and a "
+                         "binary_conv formulation: set one of them")
+      return self.binary_conv(x, kernel, self.strides, pad,
+                              jnp.float32 if float32_sum else self.dtype)
     if self.operand_dtype is not None:
       if self.operand_dtype not in BINARY_OPERAND_DTYPES:
         raise ValueError(f"unknown operand_dtype {self.operand_dtype!r}; "
@@ -506,6 +520,10 @@ class BatchNorm(nn.Module):
   into one kernel) instead of mean((x - mu_B)^2), which needs mu_B first;
   flax's `use_fast_variance`. It loses precision when |mu_B| >> std(x)
   (relative error of var ~ 2^-24 mu_B^2 / var_B in float32).
+  `stats_method` picks the statistics by name (`bnn_jax.batch_stats`):
+  "two_pass" (the default), "one_pass" (= `one_pass_stats=True`) or
+  "shifted_one_pass" (one pass over x - K, K the first position's value per
+  channel: as exact as two passes when |mu_B| >> std(x)).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -513,6 +531,7 @@ class BatchNorm(nn.Module):
   scale_init: Callable[..., Array] = nn.initializers.ones
   dtype: Optional[Dtype] = None
   one_pass_stats: bool = False
+  stats_method: str = "two_pass"
   use_scale: bool = True
   use_bias: bool = True
 
@@ -541,13 +560,14 @@ class BatchNorm(nn.Module):
                        f"batch {batch}")
     xg = xf.reshape((batch // group, group) + x.shape[1:])
     red = tuple(range(1, xg.ndim - 1))  # every axis of a group but channels
-    mean = jnp.mean(xg, axis=red, keepdims=True)
+    method = self.stats_method
     if self.one_pass_stats:
-      var = jnp.maximum(jnp.mean(jnp.square(xg), axis=red, keepdims=True)
-                        - jnp.square(mean), 0.0)
-    else:
-      var = jnp.mean(jnp.square(xg - mean), axis=red, keepdims=True)
-    y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+      if method not in ("two_pass", "one_pass"):
+        raise ValueError(f"one_pass_stats=True and stats_method {method!r}: "
+                         "set one of them")
+      method = "one_pass"
+    mean, var, centered = batch_stats.centered(xg, red, method)
+    y = centered * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     if not self.is_initializing():
       n = group * (xg.size // (xg.shape[0] * group * c))  # elements per stat
       unbias = n / max(n - 1, 1)

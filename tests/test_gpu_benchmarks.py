@@ -153,25 +153,35 @@ def test_torch_rows_on_the_cpu_without_tensorflow(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_script_smoke_mode_end_to_end(tmp_path):
-  """Two bnn_jax rows (with the trace) and the tables, TensorFlow blocked."""
+  """Three bnn_jax rows (two with a trace) and the tables, TensorFlow blocked."""
   env = dict(os.environ, BNN_GPU_SMOKE="1", PYTHON=sys.executable,
-             JAX_PLATFORMS="cpu", BNN_GPU_ROWS="^(jax_step2_bf16|lever_fp8)$",
-             BNN_GPU_BUDGET_S="900")
+             JAX_PLATFORMS="cpu", BNN_GPU_BUDGET_S="900",
+             BNN_GPU_ROWS="^(jax_step2_bf16|lever_f16_chunked|"
+                          "lever_bn_shifted_one_pass)$")
   subprocess.run(["bash", "benchmarks/gpu_side_by_side.sh", str(tmp_path)],
                  cwd=REPO, env=env, check=True, timeout=1000,
                  capture_output=True)
   rows = {r["row"]: r for r in _rows(tmp_path / "rows.jsonl")}
-  assert sorted(rows) == ["jax_step2_bf16", "lever_fp8"]
+  assert sorted(rows) == ["jax_step2_bf16", "lever_bn_shifted_one_pass",
+                          "lever_f16_chunked"]
   for r in rows.values():
     assert "error" not in r, r.get("error")
     assert r["images_per_s"] > 0 and r["dtype"] == "bfloat16"
-  assert rows["lever_fp8"]["model_overrides"] == {
-      "binary_conv_operand_dtype": "float8_e4m3fn"}
-  assert rows["jax_step2_bf16"]["trace_error"] is None
-  profile = json.loads((tmp_path / "profile_step2_bf16.json").read_text())
-  assert profile["events"] > 0
+  assert rows["lever_f16_chunked"]["model_overrides"] == {
+      "binary_conv_impl": "float16_chunked"}
+  assert rows["lever_bn_shifted_one_pass"]["model_overrides"] == {
+      "bn_stats_method": "shifted_one_pass"}
+  for name in ("jax_step2_bf16", "lever_f16_chunked"):
+    assert rows[name]["trace_error"] is None
+  for name in ("step2_bf16", "f16_chunked"):
+    profile = json.loads((tmp_path / f"profile_{name}.json").read_text())
+    assert profile["events"] > 0
   summary = (tmp_path / "summary.md").read_text()
-  assert "| lever_fp8 | `--binary_conv_operand_dtype=float8_e4m3fn` |" in summary
+  assert ("| lever_f16_chunked | `--binary_conv_impl=float16_chunked` |"
+          in summary)
+  assert ("| lever_bn_shifted_one_pass | "
+          "`--bn_stats_method=shifted_one_pass` |" in summary)
+  assert "### Profile: f16_chunked" in summary
   assert list((tmp_path / "xla_dump").glob("*train_step*.txt.gz"))
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from bnn_jax import exact_binary_conv
 from bnn_jax.layers import BatchNorm, BinaryConv, RPReLU, Shift
 from bnn_jax.layers import reference_kernel_init
 
@@ -75,6 +76,18 @@ class ReActNetABlock(nn.Module):
   binary_conv_operand_dtype: Optional[str] = None
   bn_one_pass_stats: Optional[bool] = None
   name_conv_outputs: bool = False
+  binary_conv_impl: Optional[str] = None
+  bn_stats_method: Optional[str] = None
+
+  def _binary_conv_function(self):
+    """The BinaryConvs' `binary_conv` for `binary_conv_impl` (None: their own
+    conv). "auto" (or None) leaves `binary_conv_operand_dtype`, when set, in
+    charge."""
+    impl = self.binary_conv_impl or exact_binary_conv.AUTO
+    if (self.binary_conv_operand_dtype is not None
+        and impl == exact_binary_conv.AUTO):
+      return None
+    return exact_binary_conv.conv_function(impl)
 
   def _conv(self, features, kernel_size, strides, name):
     conv = BinaryConv(features, kernel_size=kernel_size, strides=strides,
@@ -82,7 +95,8 @@ class ReActNetABlock(nn.Module):
                       kernel_binarizer=self.kernel_binarizer,
                       zero_to=self.zero_to, kernel_init=self.kernel_init,
                       dtype=self.dtype,
-                      operand_dtype=self.binary_conv_operand_dtype, name=name)
+                      operand_dtype=self.binary_conv_operand_dtype,
+                      binary_conv=self._binary_conv_function(), name=name)
     if not self.name_conv_outputs:
       return conv
     # Marks the conv outputs as the values `remat_blocks` keeps.
@@ -90,7 +104,9 @@ class ReActNetABlock(nn.Module):
 
   def _bn(self, name):
     return BatchNorm(group_size=self.bn_group_size, dtype=self.dtype,
-                     one_pass_stats=bool(self.bn_one_pass_stats), name=name)
+                     one_pass_stats=bool(self.bn_one_pass_stats),
+                     stats_method=self.bn_stats_method or "two_pass",
+                     name=name)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -147,6 +163,17 @@ class ReActNetA(nn.Module):
       shifts, signs, BatchNorms and RPReLUs are recomputed there (fewer
       activations written to and read from memory; the same gradients).
       None = off.
+    binary_conv_impl: the formulation of the binary convs' forward
+      (`bnn_jax.exact_binary_conv`): "auto" (= None, the backend's default,
+      `exact_binary_conv.DEFAULT_IMPL`), "compute_dtype" (the conv in
+      `dtype`, a float32 sum below float32) or an exact narrow-operand
+      formulation ("int8", "float8_e4m3fn", "float16_chunked", "bfloat16",
+      "bfloat16_im2col"): the same sums, the same backward. Run-wide in a
+      config: `config.model.binary_conv_impl`.
+    bn_stats_method: the blocks' BatchNorm batch statistics
+      (`bnn_jax.batch_stats`): "two_pass" (= None, the default),
+      "one_pass" or "shifted_one_pass" (one pass, exact when mean >> std).
+      Run-wide in a config: `config.model.bn_stats_method`.
   """
   num_classes: int = 1000
   channels: Sequence[int] = REACTNET_A_CHANNELS
@@ -162,6 +189,8 @@ class ReActNetA(nn.Module):
   binary_conv_operand_dtype: Optional[str] = None
   bn_one_pass_stats: Optional[bool] = None
   remat_blocks: Optional[bool] = None
+  binary_conv_impl: Optional[str] = None
+  bn_stats_method: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -193,6 +222,8 @@ class ReActNetA(nn.Module):
           binary_conv_operand_dtype=self.binary_conv_operand_dtype,
           bn_one_pass_stats=self.bn_one_pass_stats,
           name_conv_outputs=bool(self.remat_blocks),
+          binary_conv_impl=self.binary_conv_impl,
+          bn_stats_method=self.bn_stats_method,
           name=f"block_{i}")(x, train)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(self.num_classes, name="fc")(x)

@@ -51,6 +51,11 @@ Opt-in performance levers (off by default, each its own flag so a
 benchmark row measures one): `--binary_conv_operand_dtype=float8_e4m3fn|int8|
 bfloat16` runs the forward of every binary conv on exact narrow operands
 (`layers.binary_conv_low_precision`: same result, same backward);
+`--binary_conv_impl=NAME` picks the formulation of the binary convs' forward
+(`bnn_jax.exact_binary_conv`: exact narrow operands, e.g. float16 in fan-in
+chunks of at most 2,048; same sums, same backward); `--bn_stats_method=
+shifted_one_pass` computes the blocks' BatchNorm statistics in one pass over
+x - K, K a sample per channel (`bnn_jax.batch_stats`);
 `--bn_one_pass_stats` computes the blocks' BatchNorm variance as
 mean(x^2) - mean(x)^2 (one pass over x); `--remat_blocks` recomputes each
 block's elementwise ops in the backward pass from the saved conv outputs.
@@ -121,6 +126,15 @@ def define_flags() -> None:
   flags.DEFINE_bool("bn_one_pass_stats", False,
                     "BatchNorm variance as mean(x^2) - mean(x)^2 "
                     "(ReActNet-A blocks).")
+  flags.DEFINE_string("binary_conv_impl", "",
+                      "Formulation of the binary convs' forward "
+                      "(bnn_jax.exact_binary_conv: auto, compute_dtype, int8, "
+                      "float8_e4m3fn, float16_chunked, bfloat16, "
+                      "bfloat16_im2col); '' = the model's default (auto).")
+  flags.DEFINE_string("bn_stats_method", "",
+                      "BatchNorm batch statistics of the ReActNet-A blocks "
+                      "(bnn_jax.batch_stats: two_pass, one_pass, "
+                      "shifted_one_pass); '' = the model's default.")
   flags.DEFINE_bool("remat_blocks", False,
                     "Recompute each block's elementwise ops in the backward "
                     "pass, keeping only the binary conv outputs "
@@ -488,6 +502,10 @@ def model_overrides_from_flags() -> dict:
     overrides["bn_one_pass_stats"] = True
   if FLAGS.remat_blocks:
     overrides["remat_blocks"] = True
+  if FLAGS.binary_conv_impl:
+    overrides["binary_conv_impl"] = FLAGS.binary_conv_impl
+  if FLAGS.bn_stats_method:
+    overrides["bn_stats_method"] = FLAGS.bn_stats_method
   return overrides
 
 
