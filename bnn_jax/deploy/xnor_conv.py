@@ -16,10 +16,19 @@ S_t,o = sum_c w_t,c,o, where the float conv counts 0. So
   y[n, i, j, o] = k * k * C - 2 * sum_t sum_words popcount(a_t XOR b_t)
                   + sum_{t padded at (i, j)} S_t,o,
 
-the last term a batch-independent [Ho, Wo, O] correction: the static
-padding mask P [Ho * Wo, k * k] times S [k * k, O] (exact int32 products).
-Taps that read only padding at every output pixel are left out of both
-sums (and k * k * C becomes (used taps) * C).
+the last term a batch-independent correction. Tap (a, b) is padded at
+(i, j) when its row is (r_a(i) = 1) or its column is (c_b(j) = 1), so by
+inclusion-exclusion (r OR c = r + c - r c), with static 0/1 maps r [Ho, k],
+c [Wo, k]:
+
+  correction[i, j, o] = sum_a r_a(i) R_a,o + sum_b c_b(j) K_b,o
+                        - sum_a r_a(i) (sum_b c_b(j) S_ab,o),
+
+R_a = sum_b S_ab, K_b = sum_a S_ab: two [Ho, O] / [Wo, O] products and k
+selects, which XLA fuses into the elementwise epilogue (no [Ho, Wo, O]
+array is written). Kernel rows (columns) that read only padding at every
+output pixel (a 3x3 conv on a 1x1 map) are left out of both sums, and
+k * k * C becomes (used taps) * C.
 
 sign(0) = 0 (torch). An exact-zero input must count 0, so activations carry
 a second plane v (1 where the input is nonzero; 0 at the padding too) and
@@ -27,10 +36,11 @@ a second plane v (1 where the input is nonzero; 0 at the padding too) and
   y = sum_t [popcount(v_t) - 2 * popcount(v_t AND (a_t XOR b_t))].
 
 Both are the integer that the float conv of the +-1 (and 0) values
-computes. Each tap's product is one XLA reduction over the words (at most
-32 of them, below the size at which XLA:CPU splits a reduction into a
-materialised reduce-window), with XOR, AND and popcount fused into it; the
-k * k tap sums are int32 additions.
+computes. The taps of one kernel row are concatenated on the word axis and
+summed by one XLA reduction (per <= 32 words: above that XLA:CPU splits a
+reduction into a materialised reduce-window), XOR, AND and popcount fused
+into it; the row sums are int16 where 2 * k * k * C < 2^15 (ReActNet-A:
+always), so XLA writes half the bytes, and int32 after their sum.
 """
 
 from __future__ import annotations
@@ -89,18 +99,35 @@ def output_size(size: int, k: int, strides: int, pad: tuple[int, int]) -> int:
   return (size + pad[0] + pad[1] - k) // strides + 1
 
 
-def padding_mask(hw: tuple[int, int], k: int, strides: int,
-                 padding: Padding) -> np.ndarray:
-  """int32 [Ho * Wo, k * k]: 1 where tap (a, b) of output (i, j) is padding."""
-  (top, bottom), (left, right) = _pads(padding)
-  ho = output_size(hw[0], k, strides, (top, bottom))
-  wo = output_size(hw[1], k, strides, (left, right))
-  rows = strides * np.arange(ho)[:, None] + np.arange(k)[None, :] - top
-  cols = strides * np.arange(wo)[:, None] + np.arange(k)[None, :] - left
-  row_out = (rows < 0) | (rows >= hw[0])           # [Ho, k]
-  col_out = (cols < 0) | (cols >= hw[1])           # [Wo, k]
-  outside = row_out[:, None, :, None] | col_out[None, :, None, :]
-  return outside.reshape(ho * wo, k * k).astype(np.int32)
+def outside(size: int, k: int, strides: int, pad: tuple[int, int]
+            ) -> np.ndarray:
+  """bool [out, k]: whether tap a of output position i reads padding."""
+  out = output_size(size, k, strides, pad)
+  index = strides * np.arange(out)[:, None] + np.arange(k)[None, :] - pad[0]
+  return (index < 0) | (index >= size)
+
+
+def _padding_correction(weight_bits: Array, channels: int, rows: np.ndarray,
+                        cols: np.ndarray, used_a: list[int],
+                        used_b: list[int]) -> Array | int:
+  """int32 [Ho, Wo, O] sum over the padded used taps of S_ab,o (docstring).
+
+  rows: r [Ho, k], cols: c [Wo, k] (`outside`); S_ab,o = 2 popcount(b_ab,o)
+  - C. A sum of selects over static masks, which XLA fuses into the conv's
+  epilogue; 0 when no used tap reads padding.
+  """
+  padded = [(a, b) for a in used_a for b in used_b
+            if rows[:, a].any() or cols[:, b].any()]
+  if not padded:
+    return 0
+  ones = jnp.sum(jax.lax.population_count(weight_bits).astype(jnp.int32),
+                 axis=2)                               # [k, k, O]
+  s = 2 * ones - channels
+  correction = 0
+  for a, b in padded:
+    where = rows[:, a, None, None] | cols[None, :, b, None]  # [Ho, Wo, 1]
+    correction = correction + jnp.where(where, s[a, b], 0)
+  return correction
 
 
 def _tap(words: Array, a: int, b: int, strides: int, ho: int, wo: int
@@ -115,11 +142,13 @@ def _tap(words: Array, a: int, b: int, strides: int, ho: int, wo: int
 MAX_REDUCED_WORDS = 32
 
 
-def _popcount_product(x: Array, w: Array, v: Array | None = None) -> Array:
-  """int32 [N, Ho, Wo, O] = sum_words popcount(x XOR w[:, o]) (AND v if given).
+def _popcount_product(x: Array, w: Array, v: Array | None = None,
+                      dtype=jnp.int32) -> Array:
+  """[N, Ho, Wo, O] sum_words popcount(x XOR w[:, o]) (AND v if given).
 
   x, v: [N, Ho, Wo, Wd]; w: [Wd, O]. One reduction per <= 32 words, XOR,
-  AND and popcount fused into it.
+  AND and popcount fused into it, summed in `dtype` (exact while the count
+  of bits, at most Wd * word bits, fits).
   """
   total = 0
   for start in range(0, x.shape[-1], MAX_REDUCED_WORDS):
@@ -127,8 +156,8 @@ def _popcount_product(x: Array, w: Array, v: Array | None = None) -> Array:
     differ = x[..., None, part] ^ w[part].T          # [N, Ho, Wo, O, <=32]
     if v is not None:
       differ = differ & v[..., None, part]
-    total = total + jnp.sum(
-        jax.lax.population_count(differ).astype(jnp.int32), axis=-1)
+    total = total + jnp.sum(jax.lax.population_count(differ).astype(dtype),
+                            axis=-1, dtype=dtype)
   return total
 
 
@@ -162,7 +191,7 @@ def xnor_conv(x: Array, weight_bits: Array, strides: int, padding: Padding,
     zero_to: sign(0) of the activations (+1, 0 or -1).
     word_bits: 32 (uint32 words) or 8 (uint8).
     taps_per_reduction: taps whose words one reduction sums (in chunks of
-      at most 32 words); None = k, one row of the kernel (measured fastest
+      at most 32 words); None = one row of the kernel (measured fastest
       on XLA:CPU, docs/deploy.md).
     materialise: write the word maps of a group of taps out before its
       reduction (see `_grouped`).
@@ -170,7 +199,7 @@ def xnor_conv(x: Array, weight_bits: Array, strides: int, padding: Padding,
   Returns:
     [N, Ho, Wo, O] int32, equal to the float conv of the +-1 (and 0) values.
   """
-  k, _, w32, out_channels = weight_bits.shape
+  k, _, w32, _ = weight_bits.shape
   channels = x.shape[-1]
   if w32 != -(-channels // FILE_WORD_BITS):
     raise ValueError(f"weight bits have {w32} words per tap; inputs of "
@@ -187,28 +216,34 @@ def xnor_conv(x: Array, weight_bits: Array, strides: int, padding: Padding,
   signs = jnp.pad(pack(positive, word_bits), spatial)
   valid = (jnp.pad(pack(x != 0, word_bits), spatial) if zero_to == 0
            else None)
-  mask = padding_mask(x.shape[1:3], k, strides, padding)
-  # Taps that read only padding (a 3x3 conv on a 1x1 map) are left out:
-  # they add 0 to the float conv's sum.
-  used = [t for t in range(k * k) if not mask[:, t].all()]
-  group = taps_per_reduction or k
+  rows = outside(x.shape[1], k, strides, pads[0])
+  cols = outside(x.shape[2], k, strides, pads[1])
+  # Kernel rows / columns that read only padding (a 3x3 conv on a 1x1 map)
+  # are left out: they add 0 to the float conv's sum.
+  used_a = [a for a in range(k) if not rows[:, a].all()]
+  used_b = [b for b in range(k) if not cols[:, b].all()]
+  used = [a * k + b for a in used_a for b in used_b]
+  group = taps_per_reduction or len(used_b)
+  # |2 * mismatches| <= 2 * (used taps) * C: int16 partial sums where that
+  # fits (half the
+  # bytes of the partial maps XLA writes), int32 otherwise.
+  acc = (jnp.int16 if 2 * len(used) * w.shape[2] * word_bits < 2**15
+         else jnp.int32)
   total = 0
   for start in range(0, len(used), group):
     taps = [divmod(t, k) for t in used[start:start + group]]
     xs = _grouped(signs, taps, strides, ho, wo, materialise)
     wg = jnp.concatenate([w[a, b] for a, b in taps], axis=0)  # [g * Wd, O]
     if valid is None:
-      total = total + len(taps) * channels - 2 * _popcount_product(xs, wg)
+      total = total + (len(taps) * channels
+                       - 2 * _popcount_product(xs, wg, dtype=acc))
     else:
       vs = _grouped(valid, taps, strides, ho, wo, materialise)
-      n_valid = jnp.sum(jax.lax.population_count(vs).astype(jnp.int32),
-                        axis=-1, keepdims=True)
-      total = total + n_valid - 2 * _popcount_product(xs, wg, vs)
-  if valid is None and mask[:, used].any():
-    # S_t,o = sum_c w = 2 * popcount(b_t,o) - C, exact in int32.
-    ones = jnp.sum(jax.lax.population_count(weight_bits).astype(jnp.int32),
-                   axis=2).reshape(k * k, out_channels)
-    s = 2 * ones[np.asarray(used)] - channels
-    total = total + jnp.dot(jnp.asarray(mask[:, used]), s).reshape(
-        ho, wo, out_channels)
+      n_valid = jnp.sum(jax.lax.population_count(vs).astype(acc),
+                        axis=-1, keepdims=True, dtype=acc)
+      total = total + n_valid - 2 * _popcount_product(xs, wg, vs, acc)
+  total = total.astype(jnp.int32)
+  if valid is None:
+    total = total + _padding_correction(weight_bits, channels, rows, cols,
+                                        used_a, used_b)
   return total
