@@ -179,7 +179,7 @@ def _grouped(words: Array, taps: list[tuple[int, int]], strides: int,
 def xnor_conv(x: Array, weight_bits: Array, strides: int, padding: Padding,
               zero_to: float, word_bits: int = 32,
               taps_per_reduction: int | None = None,
-              materialise: bool = True) -> Array:
+              materialise: bool = True, partial_dtype=None) -> Array:
   """int32 sum_i B(x)_i * w_i of a binary conv (see the module docstring).
 
   Args:
@@ -195,6 +195,8 @@ def xnor_conv(x: Array, weight_bits: Array, strides: int, padding: Padding,
       on XLA:CPU, docs/deploy.md).
     materialise: write the word maps of a group of taps out before its
       reduction (see `_grouped`).
+    partial_dtype: dtype of the row sums; None = int16 where exact (below),
+      else int32.
 
   Returns:
     [N, Ho, Wo, O] int32, equal to the float conv of the +-1 (and 0) values.
@@ -227,8 +229,9 @@ def xnor_conv(x: Array, weight_bits: Array, strides: int, padding: Padding,
   # |2 * mismatches| <= 2 * (used taps) * C: int16 partial sums where that
   # fits (half the
   # bytes of the partial maps XLA writes), int32 otherwise.
-  acc = (jnp.int16 if 2 * len(used) * w.shape[2] * word_bits < 2**15
-         else jnp.int32)
+  acc = partial_dtype or (
+      jnp.int16 if 2 * len(used) * w.shape[2] * word_bits < 2**15
+      else jnp.int32)
   total = 0
   for start in range(0, len(used), group):
     taps = [divmod(t, k) for t in used[start:start + group]]
