@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bnn_jax import benchmark_inference
 from bnn_jax import models
 from bnn_jax import packed
+from bnn_jax.deploy import packed_forward
 from bnn_jax.deploy import xnor_conv
+from bnn_jax.tools import benchmark_inference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("cases", "reactnet_a:224,reactnet_a_cifar:32", "")
@@ -90,13 +91,14 @@ LEVERS = {
 
 @contextlib.contextmanager
 def conv_of(lever):
-  """packed.packed_conv replaced by the lever's conv while tracing."""
-  original = packed.packed_conv
-  packed.packed_conv = LEVERS[lever]
+  """packed_forward.packed_conv (what PackedModel calls) replaced by the
+  lever's conv while tracing."""
+  original = packed_forward.packed_conv
+  packed_forward.packed_conv = LEVERS[lever]
   try:
     yield
   finally:
-    packed.packed_conv = original
+    packed_forward.packed_conv = original
 
 
 def run_case(name, size, batch, levers, rounds):

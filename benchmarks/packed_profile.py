@@ -1,7 +1,7 @@
 """Per-layer profile of the binary convs: float conv vs packed variants.
 
   python -m benchmarks.packed_profile [--cases=reactnet_a:224,reactnet_a_cifar:32]
-      [--batches=1,64] [--rounds=3] [--variants=float,old,u32,u8,int8,concat]
+      [--batches=1,64] [--rounds=3] [--variants=float,old,taps1,rows,u8,concat,int8]
 
 For every distinct binary conv of the model (input shape, kernel, stride,
 output channels; with how many times the model calls it), each variant is
@@ -14,10 +14,11 @@ against the float conv of the +-1 values first.
 Variants (each one input-to-int32-sum, binarisation included):
   float   sign(x) -> layers.conv2d_nhwc (float32, +-1 kernel): the float
           forward's conv (padding-only taps trimmed, im2col on small maps)
-  old     bnn_jax.packed.packed_conv before issue 25 (patches concatenated,
-          broadcast XOR reduced over all k * k words)
-  u32     bnn_jax.deploy.xnor_conv, uint32 words, k * k tap products
-  u8      the same with uint8 words
+  old     the packed conv before issue 25 (benchmarks.packed_levers:
+          patches concatenated, broadcast XOR reduced over all k*k words)
+  taps1   bnn_jax.deploy.xnor_conv, uint32 words, one reduction per tap
+  rows    xnor_conv as shipped: one reduction per kernel row
+  u8      rows with uint8 words
   concat  uint32 words, the k * k taps concatenated into [.., k*k, Wd] and
           one reduction over both axes
   patches as concat, the patches materialised first (optimization_barrier)
@@ -45,11 +46,13 @@ from bnn_jax import models
 from bnn_jax import packed
 from bnn_jax.deploy import xnor_conv as xc
 
+from benchmarks.packed_levers import old_packed_conv
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("cases", "reactnet_a:224,reactnet_a_cifar:32", "")
 flags.DEFINE_string("batches", "1,64", "")
 flags.DEFINE_integer("rounds", 3, "")
-flags.DEFINE_string("variants", "float,old,u32,u8,concat,int8", "")
+flags.DEFINE_string("variants", "float,old,taps1,rows,u8,concat,int8", "")
 flags.DEFINE_string("out", "", "JSON lines file (appended).")
 
 
@@ -80,13 +83,10 @@ def conv_concat(x, bits, s, pad, barrier=False):
   mism = jnp.sum(jax.lax.population_count(differ).astype(jnp.int32),
                  axis=(-2, -1))
   y = k * k * x.shape[-1] - 2 * mism
-  mask = xc.padding_mask(x.shape[1:3], k, s, pad)
-  if mask.any():
-    ones = jnp.sum(jax.lax.population_count(bits).astype(jnp.int32),
-                   axis=2).reshape(k * k, o)
-    y = y + jnp.dot(jnp.asarray(mask), 2 * ones - x.shape[-1]).reshape(
-        ho, wo, o)
-  return y
+  rows = xc.outside(x.shape[1], k, s, (pad, pad))
+  cols = xc.outside(x.shape[2], k, s, (pad, pad))
+  return y + xc._padding_correction(bits, x.shape[-1], rows, cols,
+                                    list(range(k)), list(range(k)))
 
 
 def make(variant, s, pad):
@@ -95,9 +95,12 @@ def make(variant, s, pad):
   if variant == "int8":
     return lambda x, w, bits: conv_int8(x, w, s, pad)
   if variant == "old":
-    return lambda x, w, bits: packed.packed_conv(x, bits, s, pad, 1.0)
-  if variant == "u32":
-    return lambda x, w, bits: xc.xnor_conv(x, bits, s, pad, 1.0, 32)
+    return lambda x, w, bits: old_packed_conv(x, bits, s, pad, 1.0)
+  if variant == "taps1":
+    return lambda x, w, bits: xc.xnor_conv(x, bits, s, pad, 1.0,
+                                           taps_per_reduction=1)
+  if variant == "rows":
+    return lambda x, w, bits: xc.xnor_conv(x, bits, s, pad, 1.0)
   if variant == "u8":
     return lambda x, w, bits: xc.xnor_conv(x, bits, s, pad, 1.0, 8)
   if variant == "concat":
