@@ -28,6 +28,7 @@
 #   lever_xla_no_triton_gemm / lever_int8 / lever_fp8_bn_one_pass_remat /
 #   lever_f32_force_conv_nhwc            more levers
 #   inference                 python -m bnn_jax.benchmark --inference, if present
+#   inference_cifar32         the same at 32x32 (reactnet_a_cifar), not in smoke
 #
 # Output in OUTDIR: rows.jsonl (one JSON object per row: the benchmark's
 # result plus row name, command, wall time; `error` when it failed),
@@ -194,6 +195,13 @@ if grep -q -- "--inference" bnn_jax/benchmark.py; then
   row inference $T_INF -- "$PY" -m bnn_jax.benchmark --inference \
     --cases=$MODEL:$SIZE --batches=1,$BATCH --rounds=3 --num_classes=$CLASSES \
     --json
+fi
+
+# 8b. Inference at 32x32 as well (docs/deploy.md measures the packed forward
+# at 224 and at 32: reactnet_a_cifar). Not in smoke mode (full width).
+if [ "$SMOKE" != 1 ] && grep -q -- "--inference" bnn_jax/benchmark.py; then
+  row inference_cifar32 $T_INF -- "$PY" -m bnn_jax.benchmark --inference \
+    --cases=reactnet_a_cifar:32 --batches=1,64 --rounds=3 --gemm= --json
 fi
 
 # 9. Last, if time is left: float32 convs in NHWC (XLA picks NCHW for f32).
