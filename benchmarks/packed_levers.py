@@ -42,11 +42,15 @@ from bnn_jax.deploy import xnor_conv
 from bnn_jax.tools import benchmark_inference
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("cases", "reactnet_a:224,reactnet_a_cifar:32", "")
-flags.DEFINE_string("batches", "1,64", "")
-flags.DEFINE_integer("rounds", 3, "")
-flags.DEFINE_string("levers", "old,taps1,rows,int32,u8,fused", "")
-flags.DEFINE_string("out", "", "JSON lines file (appended).")
+
+
+def define_flags():
+  """The command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string("cases", "reactnet_a:224,reactnet_a_cifar:32", "")
+  flags.DEFINE_string("batches", "1,64", "")
+  flags.DEFINE_integer("rounds", 3, "")
+  flags.DEFINE_string("levers", "old,taps1,rows,int32,u8,fused", "")
+  flags.DEFINE_string("out", "", "JSON lines file (appended).")
 
 
 def old_packed_conv(x, weight_bits, strides, padding, zero_to):
@@ -163,4 +167,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

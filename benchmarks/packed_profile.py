@@ -49,11 +49,15 @@ from bnn_jax.deploy import xnor_conv as xc
 from benchmarks.packed_levers import old_packed_conv
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("cases", "reactnet_a:224,reactnet_a_cifar:32", "")
-flags.DEFINE_string("batches", "1,64", "")
-flags.DEFINE_integer("rounds", 3, "")
-flags.DEFINE_string("variants", "float,old,taps1,rows,u8,concat,int8", "")
-flags.DEFINE_string("out", "", "JSON lines file (appended).")
+
+
+def define_flags():
+  """The command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string("cases", "reactnet_a:224,reactnet_a_cifar:32", "")
+  flags.DEFINE_string("batches", "1,64", "")
+  flags.DEFINE_integer("rounds", 3, "")
+  flags.DEFINE_string("variants", "float,old,taps1,rows,u8,concat,int8", "")
+  flags.DEFINE_string("out", "", "JSON lines file (appended).")
 
 
 def conv_float(x, w, s, pad):
@@ -188,4 +192,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
