@@ -16,6 +16,8 @@ Levers (the binary conv each packed forward uses):
           broadcast XOR/AND/popcount reduced over all k*k words)
   taps1   xnor_conv with one tap per reduction (k*k int16 partial maps)
   rows    xnor_conv as shipped: one kernel row per reduction, int16 sums
+  hybrid  a row per reduction where a row has at most 16 words (C <= 160),
+          else one tap (`hybrid_conv`)
   int32   rows with int32 partial sums
   u8      rows with uint8 words
   fused   rows without materialising the concatenated row word maps
@@ -49,7 +51,7 @@ def define_flags():
   flags.DEFINE_string("cases", "reactnet_a:224,reactnet_a_cifar:32", "")
   flags.DEFINE_string("batches", "1,64", "")
   flags.DEFINE_integer("rounds", 3, "")
-  flags.DEFINE_string("levers", "old,taps1,rows,int32,u8,fused", "")
+  flags.DEFINE_string("levers", "old,taps1,rows,hybrid,int32,u8,fused", "")
   flags.DEFINE_string("out", "", "JSON lines file (appended).")
 
 
@@ -82,10 +84,18 @@ def old_packed_conv(x, weight_bits, strides, padding, zero_to):
   return n_valid - 2 * mismatches
 
 
+def hybrid_conv(x, weight_bits, strides, padding, zero_to):
+  """xnor_conv with a kernel row per reduction only where it has <= 16 words."""
+  k, _, words, _ = weight_bits.shape
+  return xnor_conv.xnor_conv(x, weight_bits, strides, padding, zero_to,
+                             taps_per_reduction=k if k * words <= 16 else 1)
+
+
 LEVERS = {
     "old": old_packed_conv,
     "taps1": functools.partial(xnor_conv.xnor_conv, taps_per_reduction=1),
     "rows": xnor_conv.xnor_conv,
+    "hybrid": hybrid_conv,
     "int32": functools.partial(xnor_conv.xnor_conv,
                                partial_dtype=jnp.int32),
     "u8": functools.partial(xnor_conv.xnor_conv, word_bits=8),
