@@ -15,7 +15,9 @@ Levers (the binary conv each packed forward uses):
           valid planes, 9 shifted word maps concatenated into patches, one
           broadcast XOR/AND/popcount reduced over all k*k words)
   taps1   xnor_conv with one tap per reduction (k*k int16 partial maps)
-  rows    xnor_conv as shipped: one kernel row per reduction, int16 sums
+  rows    xnor_conv with one kernel row (3 taps) per reduction, int16 sums
+  split   xnor_conv as shipped: rows, but a row of 17-32 words (256
+          channels) as groups of 16 words (2 taps)
   hybrid  a row per reduction where a row has at most 16 words (C <= 160),
           else one tap (`hybrid_conv`)
   int32   rows with int32 partial sums
@@ -51,7 +53,7 @@ def define_flags():
   flags.DEFINE_string("cases", "reactnet_a:224,reactnet_a_cifar:32", "")
   flags.DEFINE_string("batches", "1,64", "")
   flags.DEFINE_integer("rounds", 3, "")
-  flags.DEFINE_string("levers", "old,taps1,rows,hybrid,int32,u8,fused", "")
+  flags.DEFINE_string("levers", "old,taps1,rows,split,hybrid,int32,u8,fused", "")
   flags.DEFINE_string("out", "", "JSON lines file (appended).")
 
 
@@ -94,7 +96,8 @@ def hybrid_conv(x, weight_bits, strides, padding, zero_to):
 LEVERS = {
     "old": old_packed_conv,
     "taps1": functools.partial(xnor_conv.xnor_conv, taps_per_reduction=1),
-    "rows": xnor_conv.xnor_conv,
+    "rows": functools.partial(xnor_conv.xnor_conv, taps_per_reduction=3),
+    "split": xnor_conv.xnor_conv,
     "hybrid": hybrid_conv,
     "int32": functools.partial(xnor_conv.xnor_conv,
                                partial_dtype=jnp.int32),

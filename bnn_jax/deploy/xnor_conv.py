@@ -140,6 +140,9 @@ def _tap(words: Array, a: int, b: int, strides: int, ho: int, wo: int
 # XLA:CPU rewrites a reduction over more elements than this into a
 # materialised reduce-window; each popcount reduction stays at or below it.
 MAX_REDUCED_WORDS = 32
+# Reductions over this many words ran up to 5x slower on XLA:CPU than over
+# 16 (docs/deploy.md); a kernel row of that length is split.
+SLOW_WORDS = (17, 32)
 
 
 def _popcount_product(x: Array, w: Array, v: Array | None = None,
@@ -191,8 +194,9 @@ def xnor_conv(x: Array, weight_bits: Array, strides: int, padding: Padding,
     zero_to: sign(0) of the activations (+1, 0 or -1).
     word_bits: 32 (uint32 words) or 8 (uint8).
     taps_per_reduction: taps whose words one reduction sums (in chunks of
-      at most 32 words); None = one row of the kernel (measured fastest
-      on XLA:CPU, docs/deploy.md).
+      at most 32 words); None = one row of the kernel, or 16 // words taps
+      where a row would have 17 to 32 words (measured fastest on XLA:CPU,
+      docs/deploy.md).
     materialise: write the word maps of a group of taps out before its
       reduction (see `_grouped`).
     partial_dtype: dtype of the row sums; None = int16 where exact (below),
@@ -226,6 +230,9 @@ def xnor_conv(x: Array, weight_bits: Array, strides: int, padding: Padding,
   used_b = [b for b in range(k) if not cols[:, b].all()]
   used = [a * k + b for a in used_a for b in used_b]
   group = taps_per_reduction or len(used_b)
+  if (taps_per_reduction is None
+      and SLOW_WORDS[0] <= group * words <= SLOW_WORDS[1]):
+    group = max(1, 16 // words)   # 256 channels: 2 taps (16 words), not 3
   # |2 * mismatches| <= 2 * (used taps) * C: int16 partial sums where that
   # fits (half the
   # bytes of the partial maps XLA writes), int32 otherwise.
