@@ -40,7 +40,7 @@ def _float_conv(xb, w, stride, pads):
 # batch, map (H, W), C_in, C_out, k, stride, padding, sign(0):
 # odd channel counts (partial words), maps smaller than the kernel (1x1,
 # 1x2, 2x2: skipped padding-only taps, corrections on every pixel), stride
-# 2, batch 1, Keras' asymmetric "same" padding, 1x1 convs.
+# 2, batch 1, Keras' asymmetric "same" padding, 1x1 convs, 256 channels.
 CASES = [
     (1, (7, 6), 1, 4, 3, 1, 1, 1.0),
     (2, (7, 6), 3, 5, 3, 2, 1, -1.0),
@@ -55,6 +55,9 @@ CASES = [
     (2, (6, 5), 40, 5, 3, 2, ((0, 1), (0, 1)), 1.0),
     (1, (6, 5), 70, 6, 1, 2, 0, 1.0),
     (2, (4, 4), 32, 8, 1, 1, 0, 0.0),
+    # 8 words per tap: a kernel row of 24 words is summed as 2 + 1 taps.
+    (1, (3, 4), 250, 3, 3, 1, 1, 1.0),
+    (2, (4, 3), 256, 3, 3, 2, 1, 0.0),
 ]
 
 
