@@ -1,6 +1,7 @@
 """Whole-network levers of the packed forward, same-run ratios against float.
 
-  python -m benchmarks.packed_levers [--cases=reactnet_a:224,reactnet_a_cifar:32]
+  python -m benchmarks.packed_levers \
+      [--cases=reactnet_a:224,reactnet_a_cifar:32]
       [--batches=1,64] [--rounds=3] [--levers=old,taps1,rows,int32,u8,fused]
 
 For each case and batch: the float forward (`benchmark_inference`'s
@@ -20,9 +21,9 @@ Levers (the binary conv each packed forward uses):
           channels) as groups of 16 words (2 taps)
   hybrid  a row per reduction where a row has at most 16 words (C <= 160),
           else one tap (`hybrid_conv`)
-  int32   rows with int32 partial sums
-  u8      rows with uint8 words
-  fused   rows without materialising the concatenated row word maps
+  int32   the shipped conv (split) with int32 partial sums
+  u8      the shipped conv with uint8 words
+  fused   the shipped conv without materialising the concatenated row maps
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def define_flags():
   flags.DEFINE_string("cases", "reactnet_a:224,reactnet_a_cifar:32", "")
   flags.DEFINE_string("batches", "1,64", "")
   flags.DEFINE_integer("rounds", 3, "")
-  flags.DEFINE_string("levers", "old,taps1,rows,split,hybrid,int32,u8,fused", "")
+  flags.DEFINE_string("levers",
+                      "old,taps1,rows,split,hybrid,int32,u8,fused", "")
   flags.DEFINE_string("out", "", "JSON lines file (appended).")
 
 
@@ -172,7 +174,8 @@ def main(argv):
       r = run_case(name, int(size), batch, levers, FLAGS.rounds)
       print(f"{name}:{size} b{batch} load {r['load']:.1f}: " + "  ".join(
           f"{n} {1e3 * r['seconds'][n]:.1f}ms ({r['ratio'][n]:.2f}, temp "
-          f"{r['temp_bytes'][n] / 2**20:.1f}M{'' if r['same_predictions'][n] else ', DIFFERENT'})"
+          f"{r['temp_bytes'][n] / 2**20:.1f}M"
+          f"{'' if r['same_predictions'][n] else ', DIFFERENT'})"
           for n in r["seconds"]), flush=True)
       if FLAGS.out:
         with open(FLAGS.out, "a") as f:

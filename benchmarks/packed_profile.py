@@ -1,7 +1,8 @@
 """Per-layer profile of the binary convs: float conv vs packed variants.
 
-  python -m benchmarks.packed_profile [--cases=reactnet_a:224,reactnet_a_cifar:32]
-      [--batches=1,64] [--rounds=3] [--variants=float,old,taps1,rows,u8,concat,int8]
+  python -m benchmarks.packed_profile \
+      [--cases=reactnet_a:224,reactnet_a_cifar:32] [--batches=1,64] \
+      [--rounds=3] [--variants=float,old,taps1,rows,u8,concat,int8]
 
 For every distinct binary conv of the model (input shape, kernel, stride,
 output channels; with how many times the model calls it), each variant is

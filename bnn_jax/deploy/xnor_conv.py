@@ -17,18 +17,16 @@ S_t,o = sum_c w_t,c,o, where the float conv counts 0. So
                   + sum_{t padded at (i, j)} S_t,o,
 
 the last term a batch-independent correction. Tap (a, b) is padded at
-(i, j) when its row is (r_a(i) = 1) or its column is (c_b(j) = 1), so by
-inclusion-exclusion (r OR c = r + c - r c), with static 0/1 maps r [Ho, k],
-c [Wo, k]:
+(i, j) when its row reads padding (r_a(i), static) or its column does
+(c_b(j)), so
 
-  correction[i, j, o] = sum_a r_a(i) R_a,o + sum_b c_b(j) K_b,o
-                        - sum_a r_a(i) (sum_b c_b(j) S_ab,o),
+  correction[i, j, o] = sum_{a, b} select(r_a(i) OR c_b(j), S_ab,o, 0)
 
-R_a = sum_b S_ab, K_b = sum_a S_ab: two [Ho, O] / [Wo, O] products and k
-selects, which XLA fuses into the elementwise epilogue (no [Ho, Wo, O]
-array is written). Kernel rows (columns) that read only padding at every
-output pixel (a 3x3 conv on a 1x1 map) are left out of both sums, and
-k * k * C becomes (used taps) * C.
+over the taps that read padding anywhere: selects on static masks, which
+XLA fuses into the conv's elementwise epilogue (no [Ho, Wo, O] array is
+written, nothing batch-independent is kept alive). Kernel rows (columns)
+that read only padding at every output pixel (a 3x3 conv on a 1x1 map)
+are left out of both sums, and k * k * C becomes (used taps) * C.
 
 sign(0) = 0 (torch). An exact-zero input must count 0, so activations carry
 a second plane v (1 where the input is nonzero; 0 at the padding too) and
@@ -38,9 +36,10 @@ a second plane v (1 where the input is nonzero; 0 at the padding too) and
 Both are the integer that the float conv of the +-1 (and 0) values
 computes. The taps of one kernel row are concatenated on the word axis and
 summed by one XLA reduction (per <= 32 words: above that XLA:CPU splits a
-reduction into a materialised reduce-window), XOR, AND and popcount fused
-into it; the row sums are int16 where 2 * k * k * C < 2^15 (ReActNet-A:
-always), so XLA writes half the bytes, and int32 after their sum.
+reduction into a materialised reduce-window; a row of 17 to 32 words as
+16-word groups), XOR, AND and popcount fused into it. The partial sums are
+int16 where 2 * k * k * C < 2^15 (ReActNet-A: always), so XLA writes half
+the bytes, and int32 after their sum.
 """
 
 from __future__ import annotations
@@ -234,8 +233,7 @@ def xnor_conv(x: Array, weight_bits: Array, strides: int, padding: Padding,
       and SLOW_WORDS[0] <= group * words <= SLOW_WORDS[1]):
     group = max(1, 16 // words)   # 256 channels: 2 taps (16 words), not 3
   # |2 * mismatches| <= 2 * (used taps) * C: int16 partial sums where that
-  # fits (half the
-  # bytes of the partial maps XLA writes), int32 otherwise.
+  # fits (half the bytes of the partial maps XLA writes), int32 otherwise.
   acc = partial_dtype or (
       jnp.int16 if 2 * len(used) * w.shape[2] * word_bits < 2**15
       else jnp.int32)
