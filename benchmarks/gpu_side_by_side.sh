@@ -37,6 +37,7 @@
 #   jax_step2_f32 / lever_xla_no_triton_gemm
 #                             rows measured on the H200 before, if time is left
 #   inference                 python -m bnn_jax.benchmark --inference, if present
+#   inference_cifar32         the same at 32x32 (reactnet_a_cifar), not in smoke
 #   lever_f32_force_conv_nhwc last
 #
 # Output in OUTDIR: rows.jsonl (one JSON object per row: the benchmark's
@@ -249,6 +250,13 @@ if grep -q -- "--inference" bnn_jax/benchmark.py; then
   row inference $T_INF -- "$PY" -m bnn_jax.benchmark --inference \
     --cases=$MODEL:$SIZE --batches=1,$BATCH --rounds=3 --num_classes=$CLASSES \
     --json
+fi
+
+# 8b. Inference at 32x32 as well (docs/deploy.md measures the packed forward
+# at 224 and at 32: reactnet_a_cifar). Not in smoke mode (full width).
+if [ "$SMOKE" != 1 ] && grep -q -- "--inference" bnn_jax/benchmark.py; then
+  row inference_cifar32 $T_INF -- "$PY" -m bnn_jax.benchmark --inference \
+    --cases=reactnet_a_cifar:32 --batches=1,64 --rounds=3 --gemm= --json
 fi
 
 # 9. Last, if time is left: float32 convs in NHWC (XLA picks NCHW for f32).

@@ -42,3 +42,20 @@ def test_cli_float_vs_packed_on_a_tiny_model():
     assert b["float_s"] > 0 and b["packed_s"] > 0
   assert case["bops"] > 0
   assert r["gemm"]["equal_results"] and r["gemm"]["macs"] == 16 * 64 * 32
+
+
+def test_text_lines_report_temp_memory_and_the_cpu():
+  batch = {"batch": 1, "float_s": 0.5, "packed_s": 0.25,
+           "float_images_per_s": 2.0, "packed_images_per_s": 4.0,
+           "packed_over_float_median_ratio": 0.5, "predictions_equal": True,
+           "packed_binary_ops_per_s": 1e9, "float_macs_per_s": 2e9,
+           "xla_temp_bytes": {"float": 3 * 2**20, "packed": 2**20}}
+  r = {"device": "cpu:cpu", "cpu_model": "AMD EPYC", "cpu_count": 2,
+       "load_average_before": 1.0, "load_average_after": 2.0,
+       "cases": [{"model": "m", "input_size": 8, "bops": 1e9, "flops": 0.0,
+                  "weights_bytes": {"float": 2**20, "packed": 2**16},
+                  "batches": [batch]}]}
+  text = benchmark_inference.format_lines(r)
+  assert text.splitlines()[0].startswith("inference on cpu:cpu AMD EPYC (2")
+  assert "XLA temp float 3.0 MiB, packed 1.0 MiB" in text
+  assert isinstance(benchmark_inference.cpu_model(), str)

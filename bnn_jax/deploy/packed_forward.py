@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnn_jax import models
+from bnn_jax.deploy import xnor_conv
 from bnn_jax.deploy.packed_format import (PACKED, WORD_BITS, num_words,
                                           read)
 from bnn_jax.layers import BatchNorm, BinaryConv
@@ -86,25 +87,6 @@ def binarize_activations(x: Array, zero_to: float) -> tuple[Array, Array]:
   return pack_bits(positive), pack_bits(nonzero)
 
 
-def _patches(words: Array, k: int, strides: int, padding) -> Array:
-  """[N, Ho, Wo, k * k * words] of [N, H, W, words], zero-padded (tap-major).
-
-  Entry (a * k + b) * words + w is word w of input pixel
-  (strides * i + a - top, strides * j + b - left), or 0 outside; `padding`
-  is p (top = bottom = left = right = p) or ((top, bottom), (left, right)).
-  """
-  if k == 1 and padding == 0:
-    return words[:, ::strides, ::strides, :]
-  pads = ((padding, padding),) * 2 if isinstance(padding, int) else padding
-  xp = jnp.pad(words, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-  out_h = (xp.shape[1] - k) // strides + 1
-  out_w = (xp.shape[2] - k) // strides + 1
-  return jnp.concatenate(
-      [xp[:, a:a + strides * (out_h - 1) + 1:strides,
-          b:b + strides * (out_w - 1) + 1:strides, :]
-       for a in range(k) for b in range(k)], axis=-1)
-
-
 def packed_conv(x: Array, weight_bits: Array, strides: int, padding,
                 zero_to: float) -> Array:
   """int32 sum_i B(x)_i * w_i of a binary conv, computed by XNOR-popcount.
@@ -118,23 +100,11 @@ def packed_conv(x: Array, weight_bits: Array, strides: int, padding,
     zero_to: sign(0) of the activations (+1, 0 or -1).
 
   Returns:
-    [N, Ho, Wo, O] int32: n_valid - 2 * popcount(valid & (a XOR b)) summed
-    over the patch, equal to the float conv of the +-1 (and 0) values.
+    [N, Ho, Wo, O] int32, equal to the float conv of the +-1 (and 0) values:
+    k * k shifted popcount products summed in int32, the padding corrected
+    exactly (`bnn_jax.deploy.xnor_conv`, which has the formulas).
   """
-  k, _, words, out_channels = weight_bits.shape
-  if words != num_words(x.shape[-1]):
-    raise ValueError(f"weight bits have {words} words per tap; inputs of "
-                     f"{x.shape[-1]} channels need {num_words(x.shape[-1])}")
-  signs, valid = binarize_activations(x, zero_to)
-  signs = _patches(signs, k, strides, padding)      # [N, Ho, Wo, K]
-  valid = _patches(valid, k, strides, padding)
-  w = weight_bits.reshape(k * k * words, out_channels).T  # [O, K]
-  n_valid = jnp.sum(jax.lax.population_count(valid).astype(jnp.int32),
-                    axis=-1, keepdims=True)
-  differ = (signs[..., None, :] ^ w) & valid[..., None, :]  # [N, Ho, Wo, O, K]
-  mismatches = jnp.sum(jax.lax.population_count(differ).astype(jnp.int32),
-                       axis=-1)
-  return n_valid - 2 * mismatches
+  return xnor_conv.xnor_conv(x, weight_bits, strides, padding, zero_to)
 
 
 def is_packed_conv(module: nn.Module) -> bool:

@@ -12,8 +12,9 @@ passes in eval mode compute the same function:
           per-call weight binarisation is timed) and its binary activations,
           every conv a float32 convolution (XLA's GEMM / conv kernels);
 * packed: `bnn_jax.packed`: kernels as sign bits in uint32 words, each binary
-          conv an XNOR-popcount reduction that XLA generates
-          (`lax.population_count`), BatchNorm folded.
+          conv k * k shifted XNOR-popcount products that XLA generates
+          (`bnn_jax.deploy.xnor_conv`, `lax.population_count`), BatchNorm
+          folded.
 
 They run in interleaved rounds (float, packed, float, packed, ...), so a
 machine shared with other work slows both alike and the per-round ratio
@@ -240,7 +241,8 @@ def run(cases: Sequence[tuple[str, int]], batches: Sequence[int],
   device = jax.devices()[0]
   result = {
       "device": f"{device.platform}:{device.device_kind}",
-      "cpu_count": os.cpu_count(), "jax": jax.__version__,
+      "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
+      "jax": jax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "load_average_before": os.getloadavg()[0],
       "cases": [benchmark_case(m, s, batches, rounds, calls_at_batch_1,
@@ -253,6 +255,18 @@ def run(cases: Sequence[tuple[str, int]], batches: Sequence[int],
   # This module must stay usable where TensorFlow is absent.
   result["tensorflow_imported"] = "tensorflow" in sys.modules
   return result
+
+
+def cpu_model() -> str:
+  """The host CPU's model name (/proc/cpuinfo), '' where it is not known."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return ""
 
 
 def parse_cases(text: str) -> list[tuple[str, int]]:
@@ -269,7 +283,8 @@ def parse_cases(text: str) -> list[tuple[str, int]]:
 
 def format_lines(r: dict) -> str:
   """Human-readable lines of a `run` result."""
-  lines = [f"inference on {r['device']} ({r['cpu_count']} CPUs, load "
+  lines = [f"inference on {r['device']} {r.get('cpu_model', '')} "
+           f"({r['cpu_count']} CPUs, load "
            f"{r['load_average_before']:.1f} -> {r['load_average_after']:.1f})"]
   for case in r["cases"]:
     w = case["weights_bytes"]
@@ -285,7 +300,9 @@ def format_lines(r: dict) -> str:
           f"img/s), packed/float {b['packed_over_float_median_ratio']:.2f}; "
           f"same predictions {b['predictions_equal']}; packed "
           f"{b['packed_binary_ops_per_s'] / 1e9:.1f} GBOP/s, float "
-          f"{b['float_macs_per_s'] / 1e9:.1f} GMAC/s")
+          f"{b['float_macs_per_s'] / 1e9:.1f} GMAC/s; XLA temp float "
+          f"{b['xla_temp_bytes']['float'] / 2**20:.1f} MiB, packed "
+          f"{b['xla_temp_bytes']['packed'] / 2**20:.1f} MiB")
   if "gemm" in r:
     g = r["gemm"]
     lines.append(
