@@ -13,7 +13,7 @@ sums (time x calls) per variant. Every variant's integers are checked
 against the float conv of the +-1 values first.
 
 Variants (each one input-to-int32-sum, binarisation included):
-  float   sign(x) -> layers.conv2d_nhwc (float32, +-1 kernel): the float
+  float   sign(x) -> conv_kernels.conv2d_nhwc (float32, +-1 kernel): the float
           forward's conv (padding-only taps trimmed, im2col on small maps)
   old     the packed conv before issue 25 (benchmarks.packed_levers:
           patches concatenated, broadcast XOR reduced over all k*k words)
@@ -24,7 +24,7 @@ Variants (each one input-to-int32-sum, binarisation included):
           one reduction over both axes
   patches as concat, the patches materialised first (optimization_barrier)
           so that the reduction reads a plain [.., k*k, Wd] array
-  int8    sign(x) as int8 -> layers.conv2d_nhwc, int32 accumulation (exact; not
+  int8    sign(x) as int8 -> conv_kernels.conv2d_nhwc, int32 accumulation (exact; not
           1-bit: 8 bits per weight and activation)
 """
 
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bnn_jax import layers
+from bnn_jax import conv_kernels
 from bnn_jax import models
 from bnn_jax import packed
 from bnn_jax.deploy import xnor_conv as xc
@@ -62,14 +62,14 @@ def define_flags():
 
 
 def conv_float(x, w, s, pad):
-  """What the float forward's BinaryConv runs (`layers.conv2d_nhwc`)."""
+  """What the float forward's BinaryConv runs (`conv_kernels.conv2d_nhwc`)."""
   xb = jnp.where(x >= 0, 1.0, -1.0)
-  return layers.conv2d_nhwc(xb, w, s, pad)
+  return conv_kernels.conv2d_nhwc(xb, w, s, pad)
 
 
 def conv_int8(x, w, s, pad):
   xb = jnp.where(x >= 0, 1, -1).astype(jnp.int8)
-  return layers.conv2d_nhwc(xb, w.astype(jnp.int8), s, pad,
+  return conv_kernels.conv2d_nhwc(xb, w.astype(jnp.int8), s, pad,
                             preferred_element_type=jnp.int32)
 
 

@@ -33,18 +33,18 @@ formulation below computes S exactly and returns alpha_o * S in float32:
 
 The product alpha_o * S: both factors are exact in float32 and alpha_o has
 at most 8 significant bits in a bfloat16 model, so the product is exact and
-equals the float32 sum of a bfloat16 conv (`layers.conv2d_float32_sum`) bit
+equals the float32 sum of a bfloat16 conv (`conv_kernels.conv2d_float32_sum`) bit
 for bit; in a float32 model it is the exact sum rounded once (the float32
 conv rounds its partial sums: the two may differ in the last bits).
 
 The backward pass is the default one, gradient for gradient: the cotangent
-in x's dtype through the VJP of `layers.conv2d_nhwc(x, kernel)`, i.e. both
+in x's dtype through the VJP of `conv_kernels.conv2d_nhwc(x, kernel)`, i.e. both
 backward convolutions in the compute dtype (the precision policy,
 docs/performance.md).
 
 ReActNet-A's `binary_conv_impl` attribute names one of `FORMULATIONS`,
 "compute_dtype" (the conv in the compute dtype with a float32 sum below
-float32: `layers.conv2d_float32_sum`) or "auto", which is
+float32: `conv_kernels.conv2d_float32_sum`) or "auto", which is
 `DEFAULT_IMPL[jax.default_backend()]`; `conv_function(name)` is what its
 `layers.BinaryConv`s then get as their `binary_conv`.
 """
@@ -58,10 +58,10 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from bnn_jax import layers
+from bnn_jax import conv_kernels
 
 Array = jax.Array
-Padding = layers.Padding
+Padding = conv_kernels.Padding
 
 # float16 holds every integer of magnitude <= 2^11 exactly.
 FLOAT16_EXACT_FAN_IN = 2048
@@ -75,8 +75,8 @@ class Formulation:
   matmul_result / conv_result: preferred_element_type of the matmuls
     (1x1 convs, im2col) and of `lax.conv_general_dilated`.
   max_fan_in: the fan-in of one chunk (None: the whole conv at once).
-  im2col: "small" (k x k convs on maps <= layers.SMALL_MAP_SIZE, as
-    `layers.conv2d_nhwc`), "cpu" (also every k x k conv on the CPU) or
+  im2col: "small" (k x k convs on maps <= conv_kernels.SMALL_MAP_SIZE, as
+    `conv_kernels.conv2d_nhwc`), "cpu" (also every k x k conv on the CPU) or
     "always".
   """
   operand: Any
@@ -149,12 +149,12 @@ def integer_sums(xs: Array, ws: Array, strides: int,
 
   xs and ws are converted to the formulation's operand dtype here; padding
   is p on every side or ((top, bottom), (left, right)). Taps that only read
-  padding are dropped first (`layers.trim_padding_taps`, int padding).
+  padding are dropped first (`conv_kernels.trim_padding_taps`, int padding).
   """
   f = FORMULATIONS[impl]
   xs, ws = xs.astype(f.operand), ws.astype(f.operand)
   if isinstance(padding, int):
-    ws, pads = layers.trim_padding_taps(ws, xs.shape[1:3], strides, padding)
+    ws, pads = conv_kernels.trim_padding_taps(ws, xs.shape[1:3], strides, padding)
   else:
     pads = _as_pairs(padding)
   kh, kw = ws.shape[:2]
@@ -166,9 +166,9 @@ def integer_sums(xs: Array, ws: Array, strides: int,
                         preferred_element_type=f.matmul_result)
     elif (kh, kw) != (1, 1) and (
         f.im2col == "always"
-        or max(xs.shape[1], xs.shape[2]) <= layers.SMALL_MAP_SIZE
+        or max(xs.shape[1], xs.shape[2]) <= conv_kernels.SMALL_MAP_SIZE
         or (f.im2col == "cpu" and jax.default_backend() == "cpu")):
-      part = layers._conv2d_im2col(  # pylint: disable=protected-access
+      part = conv_kernels.conv2d_im2col(  # pylint: disable=protected-access
           x_c, w_c, strides, pads, f.matmul_result)
     else:
       result = f.conv_result
@@ -199,8 +199,8 @@ def binary_conv(x: Array, kernel: Array, strides: int,
   forward:  alpha_o * S[..., o] (the module docstring), in `out_dtype`
             (float32 for the BatchNorm after a bfloat16 conv);
             requires x in {-1, 0, +1} and kernel = alpha_o * {-1, 0, +1}.
-  backward: that of `layers.conv2d_nhwc(x, kernel)`, the cotangent rounded
-            to x's dtype (as `layers.conv2d_float32_sum`'s).
+  backward: that of `conv_kernels.conv2d_nhwc(x, kernel)`, the cotangent rounded
+            to x's dtype (as `conv_kernels.conv2d_float32_sum`'s).
   `impl` is a name in `FORMULATIONS`; padding an int or per-side pairs.
   """
   return _forward(x, kernel, strides, padding, impl, out_dtype)
@@ -213,7 +213,7 @@ def _binary_conv_fwd(x, kernel, strides, padding, impl, out_dtype):
 def _binary_conv_bwd(strides, padding, impl, out_dtype, residuals, g):
   del impl, out_dtype
   x, kernel = residuals
-  _, vjp = jax.vjp(lambda a, b: layers.conv2d_nhwc(a, b, strides, padding),
+  _, vjp = jax.vjp(lambda a, b: conv_kernels.conv2d_nhwc(a, b, strides, padding),
                    x, kernel)
   return vjp(g.astype(x.dtype))
 

@@ -22,7 +22,8 @@ CORE_MODULES = ("bnn_jax.binary", "bnn_jax.layers", "bnn_jax.models",
                 "bnn_jax.summary", "bnn_jax.optim", "bnn_jax.losses",
                 "bnn_jax.train_step", "bnn_jax.dynamics", "bnn_jax.checkpoint",
                 "bnn_jax.interop.torch_import", "bnn_jax.import_torch",
-                "bnn_jax.exact_binary_conv", "bnn_jax.batch_stats")
+                "bnn_jax.exact_binary_conv", "bnn_jax.batch_stats",
+                "bnn_jax.conv_kernels", "bnn_jax.config_fields")
 TENSORFLOW_DISTRIBUTIONS = {"tensorflow", "tensorflow-cpu", "tensorflow-gpu",
                             "tensorflow-intel", "tensorflow-macos",
                             "tf-nightly", "tf-nightly-cpu"}
@@ -69,9 +70,9 @@ ENTRY_MODULES = {"bnn_jax.main", "bnn_jax.evaluate", "bnn_jax.export",
 LIBRARY_ZONES = ("bnn_jax.optim", "bnn_jax.models", "bnn_jax.interop",
                  "bnn_jax.datasets", "bnn_jax.configs", "bnn_jax.training",
                  "bnn_jax.deploy")
-CORE_FILES = ("binary", "layers", "losses", "train_step", "summary", "config_fields",
-              "exact_binary_conv", "batch_stats",
-              "dynamics", "checkpoint", "paths", "config_lib",
+CORE_FILES = ("binary", "layers", "conv_kernels", "exact_binary_conv",
+              "batch_stats", "losses", "train_step", "summary", "dynamics",
+              "checkpoint", "paths", "config_fields", "config_lib",
               "malloc_defaults", "xla_defaults")
 
 

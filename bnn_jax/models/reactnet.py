@@ -155,7 +155,7 @@ class ReActNetA(nn.Module):
     bn_group_size: per-group ("ghost") BatchNorm statistics; None = global.
     binary_conv_operand_dtype: opt-in performance lever: the forward of
       every binary conv on exact narrow operands ("float8_e4m3fn", "int8",
-      "bfloat16"; `layers.binary_conv_low_precision`); None = in `dtype`.
+      "bfloat16"; `conv_kernels.binary_conv_low_precision`); None = in `dtype`.
     bn_one_pass_stats: opt-in performance lever: the blocks' BatchNorm
       variance as mean(x^2) - mean(x)^2 (`layers.BatchNorm`); None = off.
     remat_blocks: opt-in performance lever: every block under `nn.remat`,

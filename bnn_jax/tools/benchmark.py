@@ -50,7 +50,7 @@ result), so the benchmark measures what training runs.
 Opt-in performance levers (off by default, each its own flag so a
 benchmark row measures one): `--binary_conv_operand_dtype=float8_e4m3fn|int8|
 bfloat16` runs the forward of every binary conv on exact narrow operands
-(`layers.binary_conv_low_precision`: same result, same backward);
+(`conv_kernels.binary_conv_low_precision`: same result, same backward);
 `--binary_conv_impl=NAME` picks the formulation of the binary convs' forward
 (`bnn_jax.exact_binary_conv`: exact narrow operands, e.g. float16 in fan-in
 chunks of at most 2,048; same sums, same backward); `--bn_stats_method=
@@ -122,7 +122,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("binary_conv_operand_dtype", None,
                     ["float8_e4m3fn", "int8", "bfloat16"],
                     "Forward of the binary convs on exact narrow operands "
-                    "(ReActNet-A step 2; layers.binary_conv_low_precision).")
+                    "(ReActNet-A step 2; conv_kernels.binary_conv_low_precision).")
   flags.DEFINE_bool("bn_one_pass_stats", False,
                     "BatchNorm variance as mean(x^2) - mean(x)^2 "
                     "(ReActNet-A blocks).")
