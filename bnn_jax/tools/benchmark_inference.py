@@ -45,6 +45,8 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 
+from bnn_jax import cli
+
 FLAGS = flags.FLAGS
 DEFAULT_CASES = "reactnet_a:224,reactnet_a_cifar:32"
 
@@ -316,12 +318,9 @@ def format_lines(r: dict) -> str:
 
 def main(argv):
   del argv
-  try:
+  with cli.reporting_errors(debug=False, errors=(ValueError,)):
     cases = parse_cases(FLAGS.cases)
     batches = [int(b) for b in FLAGS.batches.split(",") if b.strip()]
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
   result = run(cases, batches, FLAGS.rounds, FLAGS.calls_at_batch_1,
                FLAGS.num_classes, FLAGS.input_channels, FLAGS.gemm)
   print(json.dumps(result) if FLAGS.json else format_lines(result),
