@@ -46,16 +46,17 @@ from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bnn_jax import checkpoint as checkpoint_lib
+from bnn_jax import models
+from bnn_jax import optim
+from bnn_jax import paths
+from bnn_jax import train_step
 from bnn_jax.training import dynamics_monitor as dynamics_monitor_lib
 from bnn_jax.training import evaluation
 from bnn_jax.training import input_pipeline
 from bnn_jax.training import logs
-from bnn_jax import models
 from bnn_jax.training import multihost
-from bnn_jax import optim
-from bnn_jax import paths
-from bnn_jax import train_step
 from bnn_jax.training import topology
+
 
 class Preempted(Exception):
   """The run was asked to stop (SIGTERM / platform preemption); state saved."""
@@ -204,9 +205,7 @@ def train_phase(config: ml_collections.ConfigDict, phase_name: str,
       in_shardings=(state_shardings, batch_sharding, replicated),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
-  eval_step = jax.jit(train_step.make_eval_step(model),
-                      in_shardings=(replicated, batch_sharding),
-                      out_shardings=replicated)
+  eval_step = evaluation.sharded_eval_step(model, mesh)
   writer = logs.create_writer(workdir, phase_name)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer,
