@@ -29,8 +29,8 @@ import sys
 
 from bnn_jax import cli
 from bnn_jax import malloc_defaults
-from bnn_jax.training import multihost
 from bnn_jax import xla_defaults
+from bnn_jax.training import multihost
 
 # Before JAX is imported: the measured-faster XLA:CPU conv path unless
 # XLA_FLAGS is set.

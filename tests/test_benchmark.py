@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from bnn_jax.tools import benchmark
 from bnn_jax import xla_defaults
+from bnn_jax.tools import benchmark
 
 from conftest import REPO
 

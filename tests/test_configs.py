@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnn_jax import optim
 from bnn_jax import models
+from bnn_jax import optim
 from bnn_jax.configs import adambnn_imagenet
 from bnn_jax.configs import reactnet_a_imagenet
 

@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from bnn_jax.tools import analyze
 from bnn_jax import dynamics
 from bnn_jax import layers
 from bnn_jax import optim
+from bnn_jax.tools import analyze
 
 
 def _tree(k1, k2, stem=(0.0,), scale=(1.0,)):

@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from bnn_jax.tools import analyze
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import cli
-from bnn_jax.training import input_pipeline
 from bnn_jax import main as main_lib
+from bnn_jax.tools import analyze
+from bnn_jax.training import input_pipeline
 from bnn_jax.training import phases
 from configs import digits as digits_config
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from bnn_jax.training import evaluation
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import evaluate
+from bnn_jax.training import evaluation
 
 DIGITS_TEST_EXAMPLES = 360
 from conftest import REPO

@@ -14,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from bnn_jax.training import evaluation
 from bnn_jax import checkpoint as checkpoint_lib
 from bnn_jax import export
 from bnn_jax import models
 from bnn_jax import packed
+from bnn_jax.training import evaluation
 from bnn_jax.training import phases
 from configs import digits as digits_config
 

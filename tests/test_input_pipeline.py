@@ -12,8 +12,8 @@ from sklearn import datasets as sklearn_datasets
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bnn_jax.training import input_pipeline
 from bnn_jax.datasets import digits
+from bnn_jax.training import input_pipeline
 
 # tests/testdata/<name>/<version>/ holds the metadata mock_data needs; its
 # splits have this many examples, and mock_data generates this many.

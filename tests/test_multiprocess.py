@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 
 from bnn_jax import checkpoint as checkpoint_lib
+from bnn_jax.datasets import digits
 from bnn_jax.training import multihost
 from bnn_jax.training import phases
 from bnn_jax.training import topology
-from bnn_jax.datasets import digits
 from configs import digits as digits_config
 
 from conftest import REPO

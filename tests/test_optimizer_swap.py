@@ -18,8 +18,8 @@ import pytest
 
 from bnn_jax import configs
 from bnn_jax import optim
-from bnn_jax.training import phases
 from bnn_jax.configs import digits
+from bnn_jax.training import phases
 
 from conftest import REPO
 EPOCHS = 3

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from bnn_jax.training import phases
 from bnn_jax.training import loop
+from bnn_jax.training import phases
 from configs import digits as digits_config
 
 

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from bnn_jax.training import multihost
 from bnn_jax.datasets import digits
+from bnn_jax.training import multihost
 import multiprocess_util  # tests/ is on sys.path (rootdir conftest)
 
 # 3 epochs of 16 steps (512 examples, batch 32); no periodic checkpoint

@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bnn_jax.training import input_pipeline
 from bnn_jax import layers
 from bnn_jax import models
 from bnn_jax import optim
-from bnn_jax.training import topology
 from bnn_jax import train_step
+from bnn_jax.training import input_pipeline
+from bnn_jax.training import topology
 
 _TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 _MOCK_EXAMPLES = 10

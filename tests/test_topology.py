@@ -9,9 +9,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
+from bnn_jax import train_step
 from bnn_jax.training import input_pipeline
 from bnn_jax.training import topology
-from bnn_jax import train_step
 
 # (devices, processes): one device, GPU nodes, two 1-GPU hosts, 4 nodes x 8
 # GPUs (SLURM), 32 hosts x 8 devices.

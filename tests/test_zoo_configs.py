@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnn_jax.training import evaluation
 from bnn_jax import export
 from bnn_jax import models
 from bnn_jax import optim
-from bnn_jax.training import phases
 from bnn_jax import summary
+from bnn_jax.training import evaluation
+from bnn_jax.training import phases
 from test_dry_run import _dry_runs
 
 ZOO_CONFIGS = {

@@ -36,8 +36,8 @@ from bnn_jax import config_fields
 from bnn_jax.models import quicknet
 from bnn_jax.models.binary_resnet_e import BinaryResNetE
 from bnn_jax.models.birealnet import BiRealNet
-from bnn_jax.models.real_to_binary import RealToBinaryNet
 from bnn_jax.models.reactnet import REACTNET_A_CHANNELS, ReActNet18, ReActNetA
+from bnn_jax.models.real_to_binary import RealToBinaryNet
 from bnn_jax.models.resnet import ResNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

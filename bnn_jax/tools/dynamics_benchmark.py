@@ -29,10 +29,10 @@ import ml_collections
 
 from bnn_jax import config_lib
 from bnn_jax import dynamics
-from bnn_jax.training import logs
 from bnn_jax import models
 from bnn_jax import optim
 from bnn_jax import train_step
+from bnn_jax.training import logs
 
 FLAGS = flags.FLAGS
 

@@ -35,14 +35,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from bnn_jax.training import input_pipeline
+from bnn_jax import checkpoint as checkpoint_lib
+from bnn_jax import models
 from bnn_jax import optim
+from bnn_jax import train_step
+from bnn_jax.training import input_pipeline
 from bnn_jax.training import phases
 from bnn_jax.training import preprocess
 from bnn_jax.training import topology
-from bnn_jax import models
-from bnn_jax import checkpoint as checkpoint_lib
-from bnn_jax import train_step
 
 # Examples per split of the TFDS releases the recipes read (imagenet2012
 # 5.1.0, cifar10 3.0.2) and of bnn_jax's digits (bnn_jax.datasets.digits).

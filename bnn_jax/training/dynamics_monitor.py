@@ -24,8 +24,8 @@ from clu import metric_writers
 from etils import epath
 
 from bnn_jax import dynamics
-from bnn_jax.training import multihost
 from bnn_jax import paths
+from bnn_jax.training import multihost
 
 SIGNS_FILE = dynamics.SIGNS_FILE
 

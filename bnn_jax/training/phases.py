@@ -36,14 +36,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from bnn_jax import checkpoint as checkpoint_lib
-from bnn_jax.training import input_pipeline
 from bnn_jax import losses
 from bnn_jax import malloc_defaults
-from bnn_jax.training import multihost
-from bnn_jax import optim
-from bnn_jax.training import topology
-from bnn_jax import paths
 from bnn_jax import models
+from bnn_jax import optim
+from bnn_jax import paths
+from bnn_jax.training import input_pipeline
+from bnn_jax.training import multihost
+from bnn_jax.training import topology
 from bnn_jax.config_lib import phase_names  # noqa: F401  (bnn_jax.phases.phase_names)
 from bnn_jax.training import loop
 from jax.sharding import Mesh
