@@ -29,11 +29,6 @@ Array = jax.Array
 Dtype = Any
 
 
-def _float32(x: Array) -> Array:
-  """x in at least float32 (bfloat16 and float16 are widened, float64 kept)."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 # Maps at most this size (H and W) run a k x k conv (k > 1) as im2col + one
 # matmul: XLA:CPU lowers convs whose map is smaller than the kernel to a naive
 # loop (docs/performance.md, the XLA:CPU table, has the measurements).
@@ -124,7 +119,7 @@ def conv2d_nhwc(x: Array, kernel: Array, strides: int,
   `padding` is p on every side, or ((top, bottom), (left, right)).
   Taps that only read padding are dropped first (`trim_padding_taps`, for
   an int padding).
-  Small maps (H, W <= SMALL_MAP_SIZE, kernel > 1x1) use `_conv2d_im2col`,
+  Small maps (H, W <= SMALL_MAP_SIZE, kernel > 1x1) use `conv2d_im2col`,
   everything else `lax.conv_general_dilated`; both compute the same sum.
   `preferred_element_type` is the output dtype (None: the operands').
   """
@@ -166,13 +161,16 @@ def _conv2d_float32_sum_fwd(x, kernel, strides, padding):
   return conv2d_float32_sum(x, kernel, strides, padding), (x, kernel)
 
 
-def _conv2d_float32_sum_bwd(strides, padding, residuals, g):
+def conv2d_nhwc_vjp(strides: int, padding, residuals, g: Array):
+  """(dx, dkernel) of `conv2d_nhwc` at residuals (x, kernel), with g cast to
+  x's dtype: the backward every exact forward formulation shares (the
+  precision policy keeps the binary convs' backward in the compute dtype)."""
   x, kernel = residuals
   _, vjp = jax.vjp(lambda a, b: conv2d_nhwc(a, b, strides, padding), x, kernel)
   return vjp(g.astype(x.dtype))
 
 
-conv2d_float32_sum.defvjp(_conv2d_float32_sum_fwd, _conv2d_float32_sum_bwd)
+conv2d_float32_sum.defvjp(_conv2d_float32_sum_fwd, conv2d_nhwc_vjp)
 
 
 # Exact low-precision operand dtypes of `binary_conv_low_precision`: +-1 and 0
@@ -191,7 +189,7 @@ def _integer_conv(xs: Array, ws: Array, strides: int, padding: int,
   """conv(xs, ws) of low-precision +-1/0 operands, summed in `accumulator`.
 
   Three formulations: a matmul for 1x1 stride-1 convs; im2col + one matmul
-  (`_conv2d_im2col`) for k x k convs on small maps (as `conv2d_nhwc`) and,
+  (`conv2d_im2col`) for k x k convs on small maps (as `conv2d_nhwc`) and,
   on the CPU, for every k x k conv (XLA:CPU has no narrow-integer
   convolution kernel: `lax.conv_general_dilated` on int8 runs a naive loop,
   2.9 GFLOP/s against 840-990 GFLOP/s for the int8 matmul on AMX, in
@@ -265,9 +263,7 @@ def _binary_conv_low_precision_fwd(x, kernel, strides, padding, operand_dtype,
 def _binary_conv_low_precision_bwd(strides, padding, operand_dtype, out_dtype,
                                    res, g):
   del operand_dtype, out_dtype
-  x, kernel = res
-  _, vjp = jax.vjp(lambda a, b: conv2d_nhwc(a, b, strides, padding), x, kernel)
-  return vjp(g.astype(x.dtype))
+  return conv2d_nhwc_vjp(strides, padding, res, g)
 
 
 binary_conv_low_precision.defvjp(_binary_conv_low_precision_fwd,

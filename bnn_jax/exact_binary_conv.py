@@ -168,7 +168,7 @@ def integer_sums(xs: Array, ws: Array, strides: int,
         f.im2col == "always"
         or max(xs.shape[1], xs.shape[2]) <= conv_kernels.SMALL_MAP_SIZE
         or (f.im2col == "cpu" and jax.default_backend() == "cpu")):
-      part = conv_kernels.conv2d_im2col(  # pylint: disable=protected-access
+      part = conv_kernels.conv2d_im2col(
           x_c, w_c, strides, pads, f.matmul_result)
     else:
       result = f.conv_result
@@ -212,10 +212,7 @@ def _binary_conv_fwd(x, kernel, strides, padding, impl, out_dtype):
 
 def _binary_conv_bwd(strides, padding, impl, out_dtype, residuals, g):
   del impl, out_dtype
-  x, kernel = residuals
-  _, vjp = jax.vjp(lambda a, b: conv_kernels.conv2d_nhwc(a, b, strides, padding),
-                   x, kernel)
-  return vjp(g.astype(x.dtype))
+  return conv_kernels.conv2d_nhwc_vjp(strides, padding, residuals, g)
 
 
 binary_conv.defvjp(_binary_conv_fwd, _binary_conv_bwd)

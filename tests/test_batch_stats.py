@@ -106,12 +106,23 @@ def test_methods_agree_with_two_passes_on_ordinary_data(method, group_size):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
 
-def test_two_pass_is_todays_batch_norm_and_one_pass_stats_is_one_pass():
+def test_two_pass_is_the_batch_norm_formula_and_bad_methods_are_refused():
+  """y = (x - mu) / sqrt(var + eps) * s + b, mu and var = mean((x - mu)^2)
+  over N, H, W; running stats 0.9 * init + 0.1 * (mu, var * n / (n - 1))."""
   x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 5, 5, 6))
   g = jax.random.normal(jax.random.key(1), x.shape)
-  for a, b in zip(jax.tree.leaves(_bn_train(x, g, one_pass_stats=True)),
-                  jax.tree.leaves(_bn_train(x, g, stats_method="one_pass"))):
-    np.testing.assert_array_equal(a, b)
+  y, stats, _ = _bn_train(x, g, stats_method="two_pass")
+  x64 = np.asarray(x, np.float64)
+  mu = x64.mean(axis=(0, 1, 2))
+  var = ((x64 - mu) ** 2).mean(axis=(0, 1, 2))
+  scale, bias = np.linspace(0.5, 1.5, 6), np.linspace(-1.0, 1.0, 6)
+  np.testing.assert_allclose(
+      y, (x64 - mu) / np.sqrt(var + 1e-5) * scale + bias, rtol=1e-5,
+      atol=1e-5)
+  n = x64.size // 6
+  np.testing.assert_allclose(stats["mean"], 0.1 * mu, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var * n / (n - 1),
+                             rtol=1e-5)
   with pytest.raises(ValueError, match="set one of them"):
     _bn_train(x, g, one_pass_stats=True, stats_method="shifted_one_pass")
   with pytest.raises(ValueError, match="unknown BatchNorm statistics"):
