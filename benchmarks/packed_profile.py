@@ -34,7 +34,6 @@ import collections
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax

@@ -58,4 +58,3 @@ def test_text_lines_report_temp_memory_and_the_cpu():
   text = benchmark_inference.format_lines(r)
   assert text.splitlines()[0].startswith("inference on cpu:cpu AMD EPYC (2")
   assert "XLA temp float 3.0 MiB, packed 1.0 MiB" in text
-  assert isinstance(benchmark_inference.cpu_model(), str)

@@ -47,31 +47,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bnn_jax import models
 from bnn_jax.deploy import xnor_conv
-from bnn_jax.deploy.packed_format import (PACKED, WORD_BITS, num_words,
-                                          read)
+from bnn_jax.deploy.packed_format import PACKED, WORD_BITS, read
 from bnn_jax.layers import BatchNorm, BinaryConv
 
 Array = jax.Array
 
 
 def pack_bits(bits: Any) -> Any:
-  """uint32 words [..., ceil(C / 32)] of booleans [..., C], LSB first.
-
-  Works on numpy arrays (export) and traced jax arrays (activations).
-  """
-  xp = np if isinstance(bits, np.ndarray) else jnp
-  channels = bits.shape[-1]
-  words = num_words(channels)
-  bits = xp.asarray(bits).astype(xp.uint32)
-  pad = [(0, 0)] * (bits.ndim - 1) + [(0, words * WORD_BITS - channels)]
-  bits = xp.pad(bits, pad).reshape(bits.shape[:-1] + (words, WORD_BITS))
-  weights = xp.left_shift(xp.uint32(1), xp.arange(WORD_BITS, dtype=xp.uint32))
-  # Distinct powers of two: the sum is the bitwise OR, it cannot overflow.
-  return xp.sum(bits * weights, axis=-1, dtype=xp.uint32)
+  """uint32 words [..., ceil(C / 32)] of booleans [..., C], LSB first: the
+  file's words (`xnor_conv.pack` at 32 bits; numpy or traced jax arrays)."""
+  return xnor_conv.pack(bits, WORD_BITS)
 
 
 

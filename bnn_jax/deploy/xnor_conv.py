@@ -50,25 +50,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnn_jax.deploy.packed_format import WORD_BITS, num_words
+
 Array = jax.Array
 Padding = Union[int, tuple[tuple[int, int], tuple[int, int]]]
-FILE_WORD_BITS = 32
-
-
-def pack(bits: Array, word_bits: int) -> Array:
+def pack(bits: Array, word_bits: int = WORD_BITS) -> Array:
   """Words [..., ceil(C / word_bits)] of booleans [..., C], LSB first.
 
   word = sum_b bits[b] << b (distinct powers of two: the sum is the OR).
+  numpy arrays (export) give numpy words, traced jax arrays jax words; at
+  the default 32 bits these are the packed file's words.
   """
-  dtype = jnp.dtype(f"uint{word_bits}")
+  xp = np if isinstance(bits, np.ndarray) else jnp
+  dtype = np.dtype(f"uint{word_bits}")
   channels = bits.shape[-1]
   words = -(-channels // word_bits)
-  bits = bits.astype(dtype)
+  bits = xp.asarray(bits).astype(dtype)
   pad = [(0, 0)] * (bits.ndim - 1) + [(0, words * word_bits - channels)]
-  bits = jnp.pad(bits, pad).reshape(bits.shape[:-1] + (words, word_bits))
-  powers = jnp.left_shift(jnp.ones((), dtype),
-                          jnp.arange(word_bits, dtype=dtype))
-  return jnp.sum(bits * powers, axis=-1, dtype=dtype)
+  bits = xp.pad(bits, pad).reshape(bits.shape[:-1] + (words, word_bits))
+  powers = xp.left_shift(xp.ones((), dtype), xp.arange(word_bits, dtype=dtype))
+  return xp.sum(bits * powers, axis=-1, dtype=dtype)
 
 
 def regroup_weight_words(weight_bits: Array, word_bits: int) -> Array:
@@ -78,7 +79,7 @@ def regroup_weight_words(weight_bits: Array, word_bits: int) -> Array:
   (Wd = 4 * W32; the trailing bytes past the channels are 0). Bit c of the
   input channels stays bit c % word_bits of word c // word_bits.
   """
-  if word_bits == FILE_WORD_BITS:
+  if word_bits == WORD_BITS:
     return weight_bits
   if word_bits != 8:
     raise ValueError(f"word_bits {word_bits}: choose 32 or 8")
@@ -206,10 +207,9 @@ def xnor_conv(x: Array, weight_bits: Array, strides: int, padding: Padding,
   """
   k, _, w32, _ = weight_bits.shape
   channels = x.shape[-1]
-  if w32 != -(-channels // FILE_WORD_BITS):
+  if w32 != num_words(channels):
     raise ValueError(f"weight bits have {w32} words per tap; inputs of "
-                     f"{channels} channels need "
-                     f"{-(-channels // FILE_WORD_BITS)}")
+                     f"{channels} channels need {num_words(channels)}")
   words = -(-channels // word_bits)
   # [k, k, Wd, O]; the regrouped words past `words` hold no channel (0).
   w = regroup_weight_words(weight_bits, word_bits)[:, :, :words]
