@@ -18,7 +18,9 @@ Variants (each one input-to-int32-sum, binarisation included):
   old     the packed conv before issue 25 (benchmarks.packed_levers:
           patches concatenated, broadcast XOR reduced over all k*k words)
   taps1   bnn_jax.deploy.xnor_conv, uint32 words, one reduction per tap
-  rows    xnor_conv as shipped: one reduction per kernel row
+  rows    xnor_conv with its defaults: one reduction per kernel row, rows of
+          17-32 words as 16-word groups (the profile in docs/deploy.md ran
+          before that split, with plain rows)
   u8      rows with uint8 words
   concat  uint32 words, the k * k taps concatenated into [.., k*k, Wd] and
           one reduction over both axes
